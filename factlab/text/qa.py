@@ -1,0 +1,107 @@
+"""QA pairs: the six canonical questions (trained and evaluated), held-out paraphrases
+(never trained on), and the leakage guard that keeps P_test questions out of training.
+
+Text format shared by training and evaluation: the prompt is ``"{question}\\nAnswer:"``
+and the completion ``" {answer}"`` followed by EOS; exact match compares the whole value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from factlab.errors import FactlabError
+from factlab.text.templates import TemplateSet
+
+PROMPT = "{question}\nAnswer:"
+
+
+def prompt(question: str) -> str:
+    return PROMPT.format(question=question)
+
+
+def completion(answer: str) -> str:
+    return " " + answer
+
+
+@dataclass
+class QA:
+    """Question/answer pairs, columnar, person-major."""
+
+    person: np.ndarray  # (Q,) int32 index into the people table
+    attribute: np.ndarray  # (Q,) int16 index into ``attributes``
+    template: np.ndarray  # (Q,) int16: 0 for the canonical question, i for paraphrase i
+    question: list[str]
+    answer: list[str]
+    attributes: tuple[str, ...]
+    heldout: bool  # paraphrases: for generalisation tests only, never for training
+
+    def __len__(self) -> int:
+        return len(self.question)
+
+    def records(self, split=None, names=None):
+        for i, (q, a) in enumerate(zip(self.question, self.answer)):
+            p = int(self.person[i])
+            rec = {"person": p}
+            if names is not None:
+                rec["name"] = names[p]
+            if split is not None:
+                rec["split"] = "test" if split[p] else "train"
+            rec["attribute"] = self.attributes[int(self.attribute[i])]
+            rec["template"] = int(self.template[i])
+            rec["question"] = q
+            rec["answer"] = a
+            yield rec
+
+
+def qa_pairs(table, ids, templates: TemplateSet, *, paraphrase: bool = False) -> QA:
+    """Questions about people ``ids`` for every attribute they have a value for."""
+    ids = np.asarray(ids, dtype=np.int64)
+    attrs = table.attributes
+    forms = []  # (attribute, template index, prefix, suffix)
+    for a, attr in enumerate(attrs):
+        qs = templates.paraphrases.get(attr, []) if paraphrase else [templates.question[attr]]
+        for t, q in enumerate(qs):
+            pre, suf = q.split("{name}")
+            forms.append((a, t + 1 if paraphrase else 0, pre, suf))
+    codes = table.codes[ids]  # (n, A)
+    names = [table.names[i] for i in ids.tolist()]
+    has = codes >= 0
+    # keep[i, f]: person i has the attribute asked by form f
+    fa = np.array([f[0] for f in forms], dtype=np.int64)
+    keep = has[:, fa] if len(forms) else np.zeros((len(ids), 0), bool)
+    question = [pre + nm + suf for nm in names for (_, _, pre, suf) in forms]
+    code_rows = codes.tolist()
+    pools = table.pools
+    answer = [pools[a][row[a]] if row[a] >= 0 else "" for row in code_rows for (a, _, _, _) in forms]
+    person = np.repeat(ids, len(forms)).astype(np.int32)
+    attribute = np.tile(fa, len(ids)).astype(np.int16)
+    template = np.tile(np.array([f[1] for f in forms], dtype=np.int16), len(ids))
+    flat = keep.reshape(-1)
+    if not flat.all():
+        idx = np.flatnonzero(flat).tolist()
+        question = [question[i] for i in idx]
+        answer = [answer[i] for i in idx]
+        person, attribute, template = person[flat], attribute[flat], template[flat]
+    return QA(person, attribute, template, question, answer, attrs, paraphrase)
+
+
+def check_no_leak(world, people) -> None:
+    """Fail loudly if ``people`` contains anyone from P_test (or an unknown index)."""
+    people = np.asarray(people, dtype=np.int64)
+    if len(people) and (people.min() < 0 or people.max() >= len(world.people)):
+        raise FactlabError("training set names a person outside the world")
+    leaked = people[world.split[people] != 0]
+    if len(leaked):
+        raise FactlabError(
+            f"leakage: the training set would contain QA of {len(leaked)} P_test people "
+            f"(e.g. {world.people.names[int(leaked[0])]!r}); P_test questions are for "
+            f"evaluation only")
+
+
+def training_qa(world, people=None) -> QA:
+    """The only way to get QA for training: canonical questions of P_train people."""
+    ids = world.train_ids if people is None else np.asarray(people)
+    check_no_leak(world, ids)
+    return qa_pairs(world.people, ids, world.templates, paraphrase=False)

@@ -1,0 +1,47 @@
+"""QA pairs, held-out paraphrases, the leakage guard."""
+
+import numpy as np
+import pytest
+
+from factlab.errors import FactlabError
+from factlab.text.qa import check_no_leak, completion, prompt, training_qa
+from factlab.world.people import ATTRIBUTES
+
+
+def test_six_canonical_questions_with_canonical_answers(world_small):
+    qa = world_small.qa([0, 1])
+    assert len(qa) == 12
+    t = world_small.people
+    name = t.names[0]
+    assert qa.question[0] == f"What is the birth date of {name}?"
+    assert qa.question[5] == f"Where did {name} work?"
+    for i in range(12):
+        p, a = int(qa.person[i]), int(qa.attribute[i])
+        assert qa.answer[i] == t.value(p, a)
+        assert t.names[p] in qa.question[i]
+    assert prompt("Q?") + completion("A") == "Q?\nAnswer: A"
+
+
+def test_paraphrases_are_held_out(world_small):
+    para = world_small.qa([0], paraphrase=True)
+    canon = set(world_small.qa().question)
+    assert para.heldout and len(para) >= 3 * len(ATTRIBUTES)
+    assert not set(para.question) & canon
+    assert (para.template >= 1).all()
+    train = training_qa(world_small)
+    assert not train.heldout and not set(para.question) & set(train.question)
+
+
+def test_training_set_has_p_train_only(world_small):
+    train = training_qa(world_small)
+    assert set(np.unique(train.person).tolist()) == set(world_small.train_ids.tolist())
+    assert len(train) == 6 * len(world_small.train_ids)
+
+
+def test_leakage_fails_loudly(world_small):
+    leak = np.concatenate([world_small.train_ids[:5], world_small.test_ids[:1]])
+    with pytest.raises(FactlabError, match="leakage: .* 1 P_test"):
+        training_qa(world_small, leak)
+    with pytest.raises(FactlabError, match="leakage"):
+        check_no_leak(world_small, world_small.test_ids)
+    check_no_leak(world_small, world_small.train_ids)
