@@ -23,11 +23,17 @@ def test_six_canonical_questions_with_canonical_answers(world_small):
 
 
 def test_paraphrases_are_held_out(world_small):
-    para = world_small.qa([0], paraphrase=True)
+    every = world_small.qa([0], paraphrase=True, all_paraphrases=True)
     canon = set(world_small.qa().question)
-    assert para.heldout and len(para) >= 3 * len(ATTRIBUTES)
+    assert every.heldout and len(every) >= 3 * len(ATTRIBUTES)
+    assert not set(every.question) & canon
+    assert (every.template >= 1).all()
+    para = world_small.qa(paraphrase=True)  # one seeded phrasing per (person, attribute)
+    assert len(para) == 6 * len(world_small.people)
+    assert set(zip(para.attribute.tolist(), para.template.tolist())) == \
+        set(zip(every.attribute.tolist(), every.template.tolist()))  # all phrasings used
+    assert para.question[:6] == world_small.qa([0], paraphrase=True).question
     assert not set(para.question) & canon
-    assert (para.template >= 1).all()
     train = training_qa(world_small)
     assert not train.heldout and not set(para.question) & set(train.question)
 

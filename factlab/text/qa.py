@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from factlab.errors import FactlabError
+from factlab.io import jstr
 from factlab.text.templates import TemplateSet
 
 PROMPT = "{question}\nAnswer:"
@@ -55,8 +56,32 @@ class QA:
             yield rec
 
 
-def qa_pairs(table, ids, templates: TemplateSet, *, paraphrase: bool = False) -> QA:
-    """Questions about people ``ids`` for every attribute they have a value for."""
+    def jsonl(self, split=None, names=None):
+        """The same lines as ``dumps(record)`` for each of :meth:`records`, built directly."""
+        attrs = [jstr(a) for a in self.attributes]
+        tags = ['"train"', '"test"']
+        answers: dict[str, str] = {}  # values repeat: encode each once
+        head = ""
+        last = -1
+        for p, a, t, q, ans in zip(self.person.tolist(), self.attribute.tolist(),
+                                   self.template.tolist(), self.question, self.answer):
+            if p != last:  # rows are person-major: the per-person prefix changes rarely
+                name = f'"name":{jstr(names[p])},' if names is not None else ""
+                sp = f'"split":{tags[int(split[p] != 0)]},' if split is not None else ""
+                head, last = f'{{"person":{p},{name}{sp}"attribute":', p
+            enc = answers.get(ans)
+            if enc is None:
+                enc = answers[ans] = jstr(ans)
+            yield f'{head}{attrs[a]},"template":{t},"question":{jstr(q)},"answer":{enc}}}'
+
+
+def qa_pairs(table, ids, templates: TemplateSet, *, paraphrase: bool = False,
+             g: np.random.Generator | None = None) -> QA:
+    """Questions about people ``ids`` for every attribute they have a value for.
+
+    ``paraphrase``: the held-out phrasings instead of the canonical question — all of them,
+    or with ``g`` one drawn per (person, attribute).
+    """
     ids = np.asarray(ids, dtype=np.int64)
     attrs = table.attributes
     forms = []  # (attribute, template index, prefix, suffix)
@@ -78,6 +103,11 @@ def qa_pairs(table, ids, templates: TemplateSet, *, paraphrase: bool = False) ->
     person = np.repeat(ids, len(forms)).astype(np.int32)
     attribute = np.tile(fa, len(ids)).astype(np.int16)
     template = np.tile(np.array([f[1] for f in forms], dtype=np.int16), len(ids))
+    if paraphrase and g is not None and len(forms):
+        # one held-out phrasing per (person, attribute), drawn uniformly
+        n_par = np.bincount(fa, minlength=len(attrs))
+        pick = (g.random((len(ids), len(attrs))) * n_par).astype(np.int64) + 1
+        keep = keep & (pick[:, fa] == np.array([f[1] for f in forms])[None, :])
     flat = keep.reshape(-1)
     if not flat.all():
         idx = np.flatnonzero(flat).tolist()

@@ -68,6 +68,8 @@ def check_sentence(template: str, where: str) -> None:
     """Raise a FactlabError naming ``where`` if ``template`` is not a valid sentence template."""
     if not isinstance(template, str) or not template.strip():
         raise FactlabError(f"{where}: template must be a non-empty string")
+    if "\n" in template or "\r" in template:
+        raise FactlabError(f"{where}: template contains a line break: {template!r}")
     toks = tokens(template)
     names = [t[1] for t in toks if t[0] == "ph"]
     for lit in (t[1] for t in toks if t[0] == "lit"):

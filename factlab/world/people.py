@@ -96,10 +96,22 @@ class World:
             self._cache["bios"] = render_world(self)
         return self._cache["bios"]
 
-    def qa(self, people=None, *, paraphrase: bool = False):
-        """QA pairs for ``people`` (default: everyone) with the canonical question or the
-        held-out paraphrases."""
+    def qa(self, people=None, *, paraphrase: bool = False, all_paraphrases: bool = False):
+        """QA pairs for ``people`` (default: everyone): the canonical question, or held-out
+        paraphrases — one seeded draw per (person, attribute), or all of them."""
         from factlab.text.qa import qa_pairs
+        from factlab.world.sample import STREAM_PARAPHRASE, rng
 
         ids = np.arange(len(self.people)) if people is None else np.asarray(people)
+        if paraphrase and not all_paraphrases:
+            # drawn for everyone, then subset: a person's phrasing never depends on `people`
+            draws = qa_pairs(self.people, np.arange(len(self.people)), self.templates,
+                             paraphrase=True, g=rng(self.config.seed, STREAM_PARAPHRASE))
+            if people is None:
+                return draws
+            keep = np.isin(draws.person, ids)
+            idx = np.flatnonzero(keep).tolist()
+            return type(draws)(draws.person[keep], draws.attribute[keep], draws.template[keep],
+                               [draws.question[i] for i in idx], [draws.answer[i] for i in idx],
+                               draws.attributes, True)
         return qa_pairs(self.people, ids, self.templates, paraphrase=paraphrase)

@@ -20,7 +20,7 @@ from factlab.world.facts import facts_table, read_facts
 from factlab.world.people import ATTRIBUTES, CELEBRITY, MINORITY, TEST, TRAIN, Table, World
 from factlab.world.pools import Pools, load_pools
 
-STREAM_PEOPLE, STREAM_SPLIT, STREAM_UNKNOWN, STREAM_RENDER = 1, 2, 3, 4
+STREAM_PEOPLE, STREAM_SPLIT, STREAM_UNKNOWN, STREAM_RENDER, STREAM_PARAPHRASE = 1, 2, 3, 4, 5
 
 
 def rng(seed: int, stream: int) -> np.random.Generator:

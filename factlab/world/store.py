@@ -27,7 +27,8 @@ import yaml
 from factlab import __version__
 from factlab.config import build
 from factlab.errors import FactlabError
-from factlab.io import atomic_dir, atomic_write_text, read_jsonl, sha256_file, write_jsonl
+from factlab.io import (atomic_dir, atomic_write_text, read_jsonl, sha256_file, write_jsonl,
+                        write_lines)
 from factlab.text.documents import Docs
 from factlab.text.templates import PRONOUNS, TemplateSet
 from factlab.world.config import WorldConfig
@@ -67,9 +68,9 @@ def save_world(world: World, out: str | Path, *, force: bool = False) -> dict:
         write_jsonl(tmp / "people.jsonl", _people_records(
             world.people, world.split, world.group if celebrity else None))
         write_jsonl(tmp / "unknown_people.jsonl", _people_records(world.unknown))
-        write_jsonl(tmp / "bios.jsonl", bios.records(names))
-        write_jsonl(tmp / "qa.jsonl", qa.records(world.split, names))
-        write_jsonl(tmp / "qa_paraphrase.jsonl", para.records(world.split, names))
+        write_lines(tmp / "bios.jsonl", bios.jsonl(names))
+        write_lines(tmp / "qa.jsonl", qa.jsonl(world.split, names))
+        write_lines(tmp / "qa_paraphrase.jsonl", para.jsonl(world.split, names))
         manifest = {
             "factlab": __version__,
             "format": FORMAT,
