@@ -127,20 +127,62 @@ def world_validate(path: Path = typer.Argument(..., help="fact file (JSONL or CS
                   f"({', '.join(attributes)}), {len(facts)} facts")
 
 
+@app.command("run", context_settings={"allow_extra_args": True,
+                                     "ignore_unknown_options": True})
+def run(ctx: typer.Context,
+        recipe: str = typer.Argument(..., help="recipe name (quickstart, fig3, mixed, "
+                                               "celebrity) or a path to a YAML file"),
+        out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
+        force: bool = typer.Option(False, "--force", help="replace a run of another config"),
+        ) -> None:
+    """Run a recipe; extra arguments are key=value overrides (e.g. pretrain.steps=500,
+    world.people=2000, only=single)."""
+    from factlab.experiments.recipe import load_recipe
+    from factlab.experiments.run import run_recipe
+
+    _quiet_hf()
+    r = load_recipe(recipe, list(ctx.args))
+    target = out or Path("runs") / r.name
+    results = run_recipe(r, target, force=force)
+    t = RichTable(title=f"{r.name}: OOD QA accuracy (P_test)")
+    for col in ("cell", "OOD exact match", "ID exact match", "seconds"):
+        t.add_column(col)
+    for res in results:
+        t.add_row(res["cell"], f"{res['ood']['exact_match']:.1%}",
+                  f"{res['id']['exact_match']:.1%}", f"{res['seconds']:.0f}")
+    console.print(t)
+    console.print(f"report: {target / 'report.md'}")
+
+
 @app.command("quickstart")
 def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run directory"),
-               people: int = typer.Option(1000, help="people in the world")) -> None:
-    """The main job. Until training lands: make the quickstart worlds and show them."""
-    from factlab.world.config import WorldConfig
-    from factlab.world.sample import make_world
-    from factlab.world.store import save_world
+               force: bool = typer.Option(False, "--force")) -> None:
+    """The main job: the `quickstart` recipe (bioS single vs multi5+permute on CPU)."""
+    from factlab.experiments.recipe import load_recipe
+    from factlab.experiments.run import run_recipe
 
-    for aug in ("single", "multi5+permute"):
-        target = out / f"world-{aug.replace('+', '_')}"
-        cfg = WorldConfig(people=people, augment=aug, seed=0)
-        manifest = save_world(make_world(cfg), target, force=True)
-        console.print(f"[green]wrote[/] {target}: {manifest['counts']['bios']} bios")
-        world_show(target, samples=1)
+    _quiet_hf()
+    results = run_recipe(load_recipe("quickstart"), out, force=force)
+    for res in results:
+        console.print(f"{res['cell']:>16}: OOD {res['ood']['exact_match']:.1%}  "
+                      f"ID {res['id']['exact_match']:.1%}")
+    console.print(f"report: {out / 'report.md'}")
+
+
+def _quiet_hf() -> None:
+    import os
+    import warnings
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def main() -> None:

@@ -1,0 +1,118 @@
+"""Recipe schema. A recipe is plain YAML: shared settings plus a list of cells; each cell
+overrides any shared key (deep merge), e.g. its augmentation or regime."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from factlab.config import Strict, build, deep_merge, load_yaml, parse_overrides
+from factlab.errors import FactlabError
+from factlab.train.config import TrainConfig
+from factlab.world.config import WorldConfig
+
+
+class TokenizerConfig(Strict):
+    vocab_size: int = Field(4096, ge=300)
+    path: str | None = None  # a local HF tokenizer directory instead of training one
+
+
+class ModelConfig(Strict):
+    arch: str = "gpt2-rope"  # gpt2-rope | llama
+    size: str = "small"  # tiny | small | gpt2-small | gpt2-302m
+    context: int = Field(128, ge=16)
+    path: str | None = None  # a local HF causal-LM directory instead of a fresh model
+    threads: int = Field(0, ge=0)  # torch threads per cell process (0: torch default)
+
+
+class FinetuneConfig(TrainConfig):
+    mode: str = "lora"  # lora | full
+    lora_r: int = Field(8, ge=1)
+    lora_r_embed: int = Field(128, ge=0)
+
+    @field_validator("mode")
+    @classmethod
+    def _mode(cls, v):
+        if v not in ("lora", "full"):
+            raise ValueError("must be 'lora' or 'full'")
+        return v
+
+
+class EvalConfig(Strict):
+    batch_size: int = Field(64, ge=1)
+    num_beams: int = Field(1, ge=1)
+    max_people: int | None = Field(None, ge=1)  # cap people per split in QA evaluation
+    first_token_people: int = Field(100, ge=1)  # people per split for first-token curves
+
+
+class CellConfig(Strict):
+    name: str
+    regime: str = "pretrain+finetune"  # pretrain+finetune | mixed
+    qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences
+    world: WorldConfig = WorldConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @field_validator("regime")
+    @classmethod
+    def _regime(cls, v):
+        if v not in ("pretrain+finetune", "mixed"):
+            raise ValueError("must be 'pretrain+finetune' or 'mixed'")
+        return v
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    parallel: int = Field(1, ge=1)  # cells trained at once (separate processes)
+    cells: list[CellConfig]
+
+
+SHARED = ("regime", "qa_ratio", "world", "tokenizer", "model", "pretrain", "finetune", "eval")
+
+
+def recipe_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise FactlabError(f"{p}: no such recipe file")
+        return p
+    res = resources.files("factlab.experiments").joinpath("recipes", f"{name_or_path}.yaml")
+    if not res.is_file():
+        known = sorted(x.name[:-5] for x in resources.files("factlab.experiments")
+                       .joinpath("recipes").iterdir() if x.name.endswith(".yaml"))
+        raise FactlabError(f"unknown recipe {name_or_path!r} (known: {', '.join(known)}; "
+                           f"or a path to a .yaml file)")
+    return Path(str(res))
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe, apply ``key.sub=value`` overrides to the shared part, expand cells."""
+    path = recipe_path(name_or_path)
+    data = deep_merge(load_yaml(path), parse_overrides(overrides))
+    cells = data.pop("cells", None)
+    if not cells:
+        raise FactlabError(f"{path}: a recipe needs a non-empty 'cells' list")
+    shared = {k: data.pop(k) for k in list(data) if k in SHARED}
+    only = data.pop("only", None)  # run a subset of cells: only=single,multi5+permute
+    expanded = []
+    for i, cell in enumerate(cells):
+        if not isinstance(cell, dict) or "name" not in cell:
+            raise FactlabError(f"{path}: cells[{i}] needs a name")
+        expanded.append(deep_merge(shared, cell))
+    recipe = build(Recipe, {**data, "cells": expanded}, source=str(path))
+    if only:
+        wanted = [w.strip() for w in str(only).split(",")]
+        missing = [w for w in wanted if w not in {c.name for c in recipe.cells}]
+        if missing:
+            raise FactlabError(f"only={only}: no cell named {missing[0]!r}")
+        recipe.cells = [c for c in recipe.cells if c.name in wanted]
+    names = [c.name for c in recipe.cells]
+    if len(set(names)) != len(names):
+        raise FactlabError(f"{path}: cell names must be unique")
+    return recipe

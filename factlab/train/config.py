@@ -1,0 +1,41 @@
+"""Training hyper-parameters (validated; unknown keys are errors)."""
+
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+
+from factlab.config import Strict
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1, description="sequences per optimizer step (all processes)")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup: int = Field(0, ge=0)
+    schedule: str = "cosine"  # cosine | constant
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    precision: str = "auto"  # auto (bf16 where supported) | bf16 | fp16 | no
+    compile: bool = False
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)  # 0: only at the end
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v):
+        if v not in ("cosine", "constant"):
+            raise ValueError("must be 'cosine' or 'constant'")
+        return v
+
+    @field_validator("precision")
+    @classmethod
+    def _precision(cls, v):
+        if v not in ("auto", "bf16", "fp16", "no"):
+            raise ValueError("must be one of auto, bf16, fp16, no")
+        return v
