@@ -19,26 +19,12 @@ import time
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from factlab.evaluate import evaluate_qa
 from factlab.model import build_model
 from factlab.text.qa import QA, completion, prompt, training_qa
+from factlab.tokens import EOS, world_tokenizer
 from factlab.world import WorldConfig, make_world
-
-EOS, PAD = "<|endoftext|>", "<|pad|>"
-
-
-def train_tokenizer(texts, vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOS, PAD], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD)
-
 
 def subset(qa: QA, n: int) -> QA:
     return QA(qa.person[:n], qa.attribute[:n], qa.template[:n], qa.question[:n],
@@ -112,7 +98,7 @@ def main(argv=None):
     world = make_world(WorldConfig(people=args.people, seed=args.seed))
     train = training_qa(world)
     train_texts = [prompt(q) + completion(a) + EOS for q, a in zip(train.question, train.answer)]
-    tok = train_tokenizer(list(world.bios().text) + train_texts, args.vocab)
+    tok = world_tokenizer(world, args.vocab)
     model = build_model(args.arch, args.size, len(tok), 512, bos_id=tok.eos_token_id,
                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=args.seed)
     model.to(device)

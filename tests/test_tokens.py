@@ -162,6 +162,37 @@ def test_doc_stream_packs_a_shuffled_epoch_exactly(world, tok, enc):
     assert same < 0.1
 
 
+def test_whole_doc_packing_never_splits_a_document(tok, enc):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    W = 2 * int(enc.lengths.max()) + 2  # room for two or more documents
+    s = DocStream(enc, W, eos, seed=1, whole=True, pad_id=pad)
+    for e in (0, 1):
+        first = sum(s._packer.epoch_size(i) for i in range(e))
+        n = s._packer.epoch_size(e)
+        got = s.sequences(first, n)
+        ids, lab = got["input_ids"], got["labels"]
+        assert ids.shape == (n, W)
+        docs = []
+        for row_ids, row_lab in zip(ids, lab):
+            keep = row_lab != -100
+            real = row_ids[keep].tolist()
+            assert not (row_ids[~keep] != pad).any()  # the rest is padding, unlabelled
+            assert np.array_equal(row_ids[keep], row_lab[keep])
+            cur = []  # split the row at its EOS tokens: every piece is one whole document
+            for t in real:
+                if t == eos:
+                    docs.append(cur)
+                    cur = []
+                else:
+                    cur.append(t)
+            assert cur == []  # the row ends with a document's EOS
+        want = [enc.doc(d).tolist() for d in s.order(e).tolist()]
+        assert docs == want  # every document of the epoch, whole, in the shuffled order
+    assert (s.sequences(0, 4)["labels"] == -100).any()
+    with pytest.raises(FactlabError, match="longer than seq_len"):
+        DocStream(enc, int(enc.lengths.max()), eos, whole=True)
+
+
 @pytest.mark.parametrize("kind", ["doc", "qa", "mix"])
 def test_streams_are_randomly_addressable(kind, tok, enc, enc_qa):
     def make():

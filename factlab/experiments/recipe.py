@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 
 from factlab.config import Strict, build, deep_merge, load_yaml, parse_overrides
 from factlab.errors import FactlabError
+from factlab.probe.config import ProbeStep
 from factlab.train.config import TrainConfig
 from factlab.world.config import WorldConfig
 
@@ -51,18 +52,29 @@ class CellConfig(Strict):
     name: str
     regime: str = "pretrain+finetune"  # pretrain+finetune | mixed
     qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences
+    # bio packing: concat (join with EOS, cut every `context` tokens; the paper's) or whole
+    # (never split a bio; pad the rest of a sequence) -- see DocStream
+    packing: str = "concat"
     world: WorldConfig = WorldConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
+    probe: ProbeStep | None = None  # P-/Q-probing of the pretrained model (default off)
 
     @field_validator("regime")
     @classmethod
     def _regime(cls, v):
         if v not in ("pretrain+finetune", "mixed"):
             raise ValueError("must be 'pretrain+finetune' or 'mixed'")
+        return v
+
+    @field_validator("packing")
+    @classmethod
+    def _packing(cls, v):
+        if v not in ("concat", "whole"):
+            raise ValueError("must be 'concat' or 'whole'")
         return v
 
 
@@ -73,7 +85,7 @@ class Recipe(Strict):
     cells: list[CellConfig]
 
 
-SHARED = ("regime", "qa_ratio", "world", "tokenizer", "model", "pretrain", "finetune", "eval")
+SHARED = ("regime", "qa_ratio", "packing", "world", "tokenizer", "model", "pretrain", "finetune", "eval", "probe")
 
 
 def recipe_path(name_or_path: str) -> Path:

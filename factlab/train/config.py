@@ -12,9 +12,9 @@ class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step (all processes)")
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the decay ends at lr * min_lr_ratio
     warmup: int = Field(0, ge=0)
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine | linear (both decay to lr * min_lr_ratio) | constant
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
@@ -29,8 +29,8 @@ class TrainConfig(Strict):
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v):
-        if v not in ("cosine", "constant"):
-            raise ValueError("must be 'cosine' or 'constant'")
+        if v not in ("cosine", "linear", "constant"):
+            raise ValueError("must be 'cosine', 'linear' or 'constant'")
         return v
 
     @field_validator("precision")

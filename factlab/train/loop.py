@@ -41,12 +41,14 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from 1 to ``min_lr_ratio`` (or constant)."""
+    """Linear warmup, then cosine (or linear) decay from 1 to ``min_lr_ratio``, or constant."""
     if cfg.warmup and step < cfg.warmup:
         return (step + 1) / cfg.warmup
     if cfg.schedule == "constant":
         return 1.0
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.schedule == "linear":  # the paper's probes: lr linear to 0
+        return 1.0 - (1 - cfg.min_lr_ratio) * min(t, 1.0)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
@@ -219,8 +221,7 @@ class Loop:
                     sync = k == cfg.grad_accum - 1
                     ctx = acc.no_sync(model) if (not sync and n_proc > 1) else _null()
                     with ctx, acc.autocast():
-                        out = fwd(input_ids=mb["input_ids"], labels=mb["labels"])
-                        loss = out.loss
+                        loss, out = self._loss(fwd, mb)
                         for p in self.plugins:
                             extra = p.extra_loss(self, mb, out)
                             if extra is not None:
@@ -275,6 +276,17 @@ class Loop:
                 self._tb.close()
         self.model = acc.unwrap_model(model)
         return self.history
+
+    def _loss(self, fwd, mb: dict):
+        """The micro-batch loss: the first plugin whose ``compute_loss`` returns a tensor
+        (e.g. a probe's classifier loss), else the causal-LM loss. Returns (loss, LM output
+        or None)."""
+        for p in self.plugins:
+            loss = p.compute_loss(self, fwd, mb)
+            if loss is not None:
+                return loss, None
+        out = fwd(input_ids=mb["input_ids"], labels=mb["labels"])
+        return out.loss, out
 
     def _evaluate(self, model) -> dict:
         if self.evaluate is None:

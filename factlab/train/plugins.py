@@ -8,7 +8,13 @@ inheritance). Every hook is optional; the loop calls them in plugin order.
                        ``requires_grad``)
 ``next_batch(loop, step, batch)``  replace or extend the batch about to be trained
                        (rehearsal buffers, curricula); must be deterministic in step
-``extra_loss(loop, batch, out)``   a tensor added to the LM loss (regularisers)
+``compute_loss(loop, model, batch)``  the micro-batch's loss computed by the plugin
+                       instead of the LM forward/loss (probes: a classifier over a
+                       frozen backbone; the batch may carry extra keys, every tensor
+                       already on the device); ``None``: not this plugin. The first
+                       plugin returning a tensor wins; ``extra_loss`` then gets
+                       ``out=None``
+``extra_loss(loop, batch, out)``   a tensor added to the loss (regularisers)
 ``after_step(loop, step, logs)``   after each optimizer step (logs is mutable)
 ``before_experience(loop, i)`` / ``after_experience(loop, i)``  stream boundaries
 ``export(loop, model)``  the plain HF model to save as the run's result
@@ -31,6 +37,9 @@ class Plugin:
 
     def next_batch(self, loop, step: int, batch: dict) -> dict:
         return batch
+
+    def compute_loss(self, loop, model, batch: dict):
+        return None
 
     def extra_loss(self, loop, batch: dict, out):
         return None
