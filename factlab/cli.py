@@ -169,6 +169,68 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
     console.print(f"report: {out / 'report.md'}")
 
 
+@app.command("probe")
+def probe(
+    target: Path = typer.Argument(..., metavar="RUN_OR_MODEL",
+                                  help="a recipe run cell (runs/NAME/CELL) or an HF model directory"),
+    kind: str = typer.Option("p", "--kind", help="p (bios, six positions) or q (name only)"),
+    world: Optional[Path] = typer.Option(None, "--world", help="world directory (required "
+                                         "with a model directory; default CELL/world)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory "
+                                             "(default CELL/tokenizer or the model's)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="where probe_KIND.json goes "
+                                       "(default: the cell, or the model's parent)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default 1000; "
+                                        "paper 30000)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 50 (p), 200 (q)"),
+    people: Optional[int] = typer.Option(None, "--people", help="cap on the people probed"),
+    rank: Optional[int] = typer.Option(None, "--rank", help="embedding-update rank (2 p, 16 q)"),
+    embedding: Optional[str] = typer.Option(None, "--embedding",
+                                            help="per_task (default), per_probe or shared"),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task names, "
+                                        "e.g. university/value,major/value"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch default)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. lr=0.003"),
+    force: bool = typer.Option(False, "--force", help="replace a probe of other settings"),
+) -> None:
+    """Train a P- or Q-probe on a frozen model and score it on held-out people."""
+    from factlab.probe.config import ProbeConfig
+    from factlab.probe.run import pct, resolve_target, run_probe
+
+    _quiet_hf()
+    cli = {"kind": kind, "steps": steps, "batch_size": batch_size, "people": people,
+           "rank": rank, "embedding": embedding,
+           "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None}
+    data = deep_merge({k: v for k, v in cli.items() if v is not None}, parse_overrides(set_))
+    cfg = build(ProbeConfig, data, source="probe options")
+    paths = resolve_target(target, world, tokenizer)
+    import torch
+
+    from factlab.model.build import load_model
+    from factlab.tokens.tokenizer import load_tokenizer
+    from factlab.world.store import load_world
+
+    if threads:
+        torch.set_num_threads(threads)
+    w = load_world(paths["world"])
+    tok = load_tokenizer(paths["tokenizer"])
+    backbone = load_model(paths["model"])
+    dest = out or paths["out"]
+    dest.mkdir(parents=True, exist_ok=True)
+    res = run_probe(backbone, tok, w, cfg, dest, force=force)
+    sp = res["split"]
+    t = RichTable(title=f"{cfg.kind.upper()}-probe of {paths['model']}: accuracy (%) on "
+                        f"{sp['test']} held-out people (probe trained on {sp['train']})")
+    for col in ["task", "classes", "chance"] + res["positions"]:
+        t.add_column(col)
+    for r in res["tasks"]:
+        t.add_row(r["name"], str(r["classes"]), pct(r["chance"]), *[pct(a) for a in r["test"]])
+    console.print(t)
+    console.print(f"chance: always the most frequent training class, scored on the held-out "
+                  f"people; split: {sp['rule']} (seed {sp['seed']})")
+    console.print(f"wrote {dest / f'probe_{cfg.kind}.json'}")
+
+
 def _quiet_hf() -> None:
     import os
     import warnings

@@ -21,3 +21,24 @@ def paper_mean(cell) -> float | None:
     if cell.world.minority:
         return PAPER_OOD_MEAN["celebrity"]
     return PAPER_OOD_MEAN.get(cell.world.augment)
+
+# Probing (§5, Fig. 6–7). Q-probe accuracy (%) of the whole value on the end token of
+# "<start> name <end>", GPT-2 small pretrained on multi5+permute; on bioS single it is near
+# chance. The P-probe numbers are stated only qualitatively in the text.
+PAPER_Q_PROBE = {
+    "multi5+permute": {"birth_city": 96.1, "university": 72.6, "major": 94.9, "employer": 99.6,
+                       "company_city": 99.7},
+}
+PAPER_Q_PROBE_NOTE = {"single": "near chance"}
+PAPER_P_PROBE_NOTE = {
+    "single": "near chance (≈2% for company) at every position before the attribute's own; "
+              "high only right before the value",
+    "multi5+permute": "≈100% from the first position on",
+}
+
+
+def paper_probe_key(cell) -> str | None:
+    """The paper's dataset a cell's probe numbers compare with (BIO-pretrained cells only)."""
+    if cell.regime == "mixed" or cell.world.minority:
+        return None
+    return cell.world.augment

@@ -10,6 +10,7 @@
       CELL/pretrain/         checkpoint/, model/ (HF, safetensors), metrics.jsonl
       CELL/finetune/ or CELL/mixed/
       CELL/predictions_{id,ood}.jsonl   every generated answer
+      CELL/probe_{p,q}.json, CELL/probe_{p,q}/   the optional probe step (docs/probing.md)
       CELL/result.json
 
 Every stage resumes: a finished stage is skipped, an interrupted one continues from its
@@ -102,7 +103,8 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     L = cell.model.context
     enc_docs = encode_docs(tok, world.bios())
     enc_train_qa = encode_qa(tok, training_qa(world))
-    docs = DocStream(enc_docs, L, tok.eos_token_id, seed=cell.pretrain.seed)
+    docs = DocStream(enc_docs, L, tok.eos_token_id, seed=cell.pretrain.seed,
+                     whole=cell.packing == "whole", pad_id=tok.pad_token_id)
     qa = QAStream(enc_train_qa, L, tok.pad_token_id, seed=cell.finetune.seed)
     curves = Curves(world, tok, enc_docs, L, cell.eval.first_token_people,
                     batch_size=cell.eval.batch_size)
@@ -134,6 +136,13 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
         stages["finetune"] = loop.run()
         model = loop.model
 
+    probes = None
+    if cell.probe is not None:  # every rank trains (DDP), the main one writes
+        from factlab.probe.run import probe_cell
+
+        _log(f"{tag} probing ({', '.join(cell.probe.kinds)}) the pretrained model")
+        probes = probe_cell(cell, cell_dir, world, tok, progress=progress)
+
     if not state.is_main_process:
         return {}
     # final QA extraction: in-distribution (P_train) and out-of-distribution (P_test)
@@ -149,6 +158,8 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
                               batch_size=cell.eval.batch_size, num_beams=cell.eval.num_beams)
     write_jsonl(cell_dir / "predictions_id_paraphrase.jsonl", preds)
     result["id_paraphrase"] = para
+    if probes is not None:
+        result["probe"] = probes
     result["curves"] = {k: [r for r in v if any(x.startswith("eval/") for x in r)]
                         for k, v in stages.items()}
     result["loss"] = {k: [[r["step"], r["loss"]] for r in v] for k, v in stages.items()}
