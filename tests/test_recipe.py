@@ -32,6 +32,8 @@ def test_quickstart_recipe_end_to_end_and_resume(tmp_path):
         assert (cell / "finetune/model/model.safetensors").is_file()
         curves = r["curves"]["pretrain"]
         assert curves and "eval/bio_first_token/test" in curves[-1]
+        memorised = 100 * curves[-1]["eval/bio_first_token/test"]
+        assert f"| {r['cell']} | {memorised:.1f} | {100 * r['id']['exact_match']:.1f} |" in report
     assert results[1]["people"] == 40 and results[0]["params"] > 0
     before = (tmp_path / "single/pretrain/metrics.jsonl").read_text()
     again = run_recipe(recipe, tmp_path, progress=False)  # finished stages are not redone

@@ -5,11 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 
 from factlab.experiments.paper import PAPER_OOD_ATTR, paper_mean
+from factlab.experiments.probe_report import probe_section
 from factlab.io import atomic_write_text
 
 
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
+
+
+def bio_memorised(result: dict) -> float | None:
+    """The last bio first-token accuracy (P_test) logged by the first training stage."""
+    for rows in result.get("curves", {}).values():
+        vals = [row["eval/bio_first_token/test"] for row in rows
+                if "eval/bio_first_token/test" in row]
+        return vals[-1] if vals else None
+    return None
 
 
 def write_report(out: Path, recipe, results: list[dict]) -> Path:
@@ -32,11 +42,14 @@ def write_report(out: Path, recipe, results: list[dict]) -> Path:
               "pretraining steps (Allen-Zhu & Li 2023, Part 3.1, Fig. 3 / Tab. 1). Ours: the "
               "model, world and steps of this recipe (below) — compare the *direction and "
               "size of the effect*, not the absolute level, when the scale differs.", ""]
-    lines += ["## In-distribution and held-out phrasing (P_train, %)", "",
-              "| cell | ID exact match | ID, held-out question phrasing | OOD |",
-              "|---|---|---|---|"]
+    lines += ["## Memorisation, in-distribution and held-out phrasing (%)", "",
+              "*bios memorised*: first-token accuracy of the attribute values inside the "
+              "bios of P_test people at the end of BIO pretraining (or mixed training) — "
+              "extraction can only be as good as this.", "",
+              "| cell | bios memorised (P_test) | ID exact match (P_train) | ID, held-out "
+              "question phrasing | OOD |", "|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['cell']} | {_pct(r['id']['exact_match'])} | "
+        lines.append(f"| {r['cell']} | {_pct(bio_memorised(r))} | {_pct(r['id']['exact_match'])} | "
                      f"{_pct(r['id_paraphrase']['exact_match'])} | {_pct(r['ood']['exact_match'])} |")
     lines += ["", "## Run", "", "| cell | people | parameters | stages (steps) | tokens/s | "
               "wall time |", "|---|---|---|---|---|---|"]
@@ -56,6 +69,7 @@ def write_report(out: Path, recipe, results: list[dict]) -> Path:
     plots = _plots(out, results, cells)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += probe_section(out, results, cells)
     lines += ["Raw numbers: `results.json`; every prediction: `CELL/predictions_*.jsonl`; "
               "training logs: `CELL/*/metrics.jsonl`.", ""]
     path = out / "report.md"
