@@ -19,3 +19,20 @@ def make(**kw):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def cli(*args):
+    """Run the ``factlab`` CLI in-process; return the exit code."""
+    import sys
+
+    from factlab.cli import main
+
+    old = sys.argv
+    sys.argv = ["factlab", *map(str, args)]
+    try:
+        main()
+    except SystemExit as e:
+        return e.code
+    finally:
+        sys.argv = old
+    return 0

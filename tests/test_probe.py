@@ -5,7 +5,6 @@ attribute is read off with high accuracy while random labels stay at chance, the
 errors, the recipe step and the report section."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from factlab.world import WorldConfig, make_world
 from factlab.world.config import PoolSizes
 from factlab.world.pools import MONTHS, load_pools
 
-from conftest import make
+from conftest import cli, make
 
 torch.set_num_threads(1)
 
@@ -222,20 +221,6 @@ def test_name_determined_attribute_is_read_off_and_random_labels_are_not(
 
 
 # ------------------------------------------------------------------------ CLI
-
-def cli(*args):
-    from factlab.cli import main
-
-    old = sys.argv
-    sys.argv = ["factlab", *map(str, args)]
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = old
-    return 0
-
 
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory, determined):

@@ -1,31 +1,18 @@
 """World directories (determinism, atomicity, loading) and the CLI."""
 
 import json
-import sys
 
 import numpy as np
 import pytest
 
-from factlab.cli import main
 from factlab.errors import FactlabError
 from factlab.io import sha256_file
 from factlab.world.people import MINORITY
 from factlab.world.store import FILES, load_world, save_world
 
-from conftest import make
+from conftest import cli, make
 
 
-def cli(*args):
-    """Run the CLI in-process; return the exit code."""
-    old = sys.argv
-    sys.argv = ["factlab", *map(str, args)]
-    try:
-        main()
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = old
-    return 0
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):

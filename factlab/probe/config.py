@@ -9,7 +9,7 @@ from __future__ import annotations
 from pydantic import Field, field_validator
 
 from factlab.config import Strict
-from factlab.train.config import TrainConfig
+from factlab.train.config import TrainConfig, check_precision
 
 KINDS = ("p", "q")
 EMBEDDING_MODES = ("per_task", "per_probe", "shared")
@@ -57,9 +57,7 @@ class ProbeSettings(Strict):
     @field_validator("precision")
     @classmethod
     def _precision(cls, v):
-        if v not in ("auto", "bf16", "fp16", "no"):
-            raise ValueError("must be one of auto, bf16, fp16, no")
-        return v
+        return check_precision(v)
 
 
 class ProbeConfig(ProbeSettings):

@@ -7,6 +7,16 @@ from pydantic import Field, field_validator
 from factlab.config import Strict
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "no")
+
+
+def check_precision(v: str) -> str:
+    """auto: bf16 on GPUs that have it, fp32 on CPU (see ``factlab.train.loop``)."""
+    if v not in PRECISIONS:
+        raise ValueError(f"must be one of {', '.join(PRECISIONS)}")
+    return v
+
+
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step (all processes)")
@@ -36,6 +46,4 @@ class TrainConfig(Strict):
     @field_validator("precision")
     @classmethod
     def _precision(cls, v):
-        if v not in ("auto", "bf16", "fp16", "no"):
-            raise ValueError("must be one of auto, bf16, fp16, no")
-        return v
+        return check_precision(v)
