@@ -10,7 +10,7 @@ from factlab.evaluate.metrics import metrics_from_predictions
 from factlab.experiments.recipe import load_recipe
 from factlab.experiments.run import run_recipe
 
-TINY = ["world.people=40", "world.unknown=4", "model.size=tiny", "tokenizer.vocab_size=400",
+TINY = ["world.people=40", "world.unknown=4", "model.size=tiny", "tokenizer.vocab_size=400", "model.context=192",
         "pretrain.steps=12", "pretrain.eval_every=6", "pretrain.log_every=6",
         "finetune.steps=4", "finetune.lora_r_embed=8", "finetune.log_every=2",
         "eval.first_token_people=5", "parallel=1"]

@@ -27,6 +27,7 @@ import torch
 from factlab.errors import FactlabError
 from factlab.io import atomic_write_text, dumps
 from factlab.train.config import TrainConfig
+from factlab.train.lm_loss import causal_lm_loss
 from factlab.train.plugins import Plugin
 
 # dense bf16 peak FLOP/s for MFU (per device)
@@ -81,6 +82,7 @@ class Loop:
         self.flops_per_token = flops_per_token
         self.step = 0
         self.history: list[dict] = []
+        self._head = None
 
     # ------------------------------------------------------------------ setup
     def _accelerator(self):
@@ -111,7 +113,8 @@ class Loop:
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        fused = torch.cuda.is_available()
+        # fused AdamW (one kernel for all tensors) on CUDA and, since torch 2.4, on CPU
+        fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
         return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas,
                                  eps=self.cfg.eps, fused=fused)
 
@@ -193,6 +196,9 @@ class Loop:
         except Exception:  # tensorboard is an optional extra
             self._tb = None
         fwd = torch.compile(model) if cfg.compile else model
+        # the loss on target positions only (factlab.train.lm_loss); compiled models and
+        # models without an output-embedding module keep HF's own loss
+        self._head = None if cfg.compile else _output_head(acc.unwrap_model(model))
 
         n_proc, rank = acc.num_processes, acc.process_index
         if cfg.batch_size % (n_proc * cfg.grad_accum):
@@ -214,6 +220,8 @@ class Loop:
                 batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
                 for p in self.plugins:
                     batch = p.next_batch(self, step, batch)
+                if not cfg.compile:
+                    batch = trim_batch(batch)
                 loss_sum = 0.0
                 for k in range(cfg.grad_accum):
                     mb = {key: v[k * micro:(k + 1) * micro].to(acc.device)
@@ -285,6 +293,8 @@ class Loop:
             loss = p.compute_loss(self, fwd, mb)
             if loss is not None:
                 return loss, None
+        if self._head is not None:
+            return causal_lm_loss(fwd, self._head, mb)
         out = fwd(input_ids=mb["input_ids"], labels=mb["labels"])
         return out.loss, out
 
@@ -332,6 +342,35 @@ class Loop:
         task = prog.add_task(self.name, total=self.cfg.steps, completed=start, loss="-", tps="-")
         prog.start()
         return prog, task
+
+
+_LM_KEYS = {"input_ids", "labels", "attention_mask"}
+
+
+def trim_batch(batch: dict, multiple: int = 8) -> dict:
+    """Drop the trailing columns after the last target of any row (rounded up to a
+    multiple of ``multiple``). Exact for a causal LM: those positions carry no loss and no
+    earlier position attends to them. Whole-document packing at context 128 pads ~40% of
+    every row; this cuts most of it. Batches with other keys (plugins' own) are left whole.
+    """
+    if set(batch) - _LM_KEYS or "labels" not in batch:
+        return batch
+    labels = batch["labels"]
+    cols = torch.nonzero((labels != -100).any(0)).flatten()
+    L = labels.shape[1]
+    keep = min(L, -(-(int(cols[-1]) + 1) // multiple) * multiple) if len(cols) else min(L, 1)
+    if keep == L:
+        return batch
+    return {k: v[:, :keep].contiguous() for k, v in batch.items()}
+
+
+def _output_head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if get is not None else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    return head if isinstance(head, torch.nn.Module) else None
 
 
 class _null:

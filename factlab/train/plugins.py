@@ -14,7 +14,9 @@ inheritance). Every hook is optional; the loop calls them in plugin order.
                        already on the device); ``None``: not this plugin. The first
                        plugin returning a tensor wins; ``extra_loss`` then gets
                        ``out=None``
-``extra_loss(loop, batch, out)``   a tensor added to the loss (regularisers)
+``extra_loss(loop, batch, out)``   a tensor added to the loss (regularisers); ``out`` is a
+                       ``factlab.train.lm_loss.LMOutput``: logits of the target
+                       positions only, their mask and target ids
 ``after_step(loop, step, logs)``   after each optimizer step (logs is mutable)
 ``before_experience(loop, i)`` / ``after_experience(loop, i)``  stream boundaries
 ``export(loop, model)``  the plain HF model to save as the run's result
