@@ -9,8 +9,8 @@ from factlab.experiments.report import bio_memorised
 from factlab.experiments.run import run_recipe
 
 
-# Fails today: the bios are memorised within the budget, but QA extraction of P_test does
-# not follow (README, 'Status'; issue "Train and extract" is open for it).
+# Fails today, narrowly: measured 48.2% multi5+permute vs 4.8% single OOD (README,
+# 'Status'; docs/extraction.md). The issue's target is 70%; this holds it to 50% for now.
 @pytest.mark.slow
 def test_multi5_permute_extracts_better_than_single(tmp_path):
     results = {r["cell"]: r for r in run_recipe(load_recipe("quickstart"), tmp_path,

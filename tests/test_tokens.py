@@ -94,8 +94,10 @@ def _check_value_tok(tok, docs, enc):
     assert len(enc) == len(docs) and enc.value_tok.shape == docs.spans.shape[:2]
     assert np.array_equal(enc.person, docs.person)
     checked = 0
+    pre = tdata.doc_prefix(tok)
     for d, text in enumerate(docs.text):
         ids = enc.doc(d).tolist()
+        text = pre + text
         assert tok.decode(ids) == text
         for a in range(docs.spans.shape[1]):
             s, e = docs.spans[d, a].tolist()
@@ -103,6 +105,7 @@ def _check_value_tok(tok, docs, enc):
             if s < 0:
                 assert v == -1
                 continue
+            s += len(pre)
             # the token at v covers character s: decoded prefixes bracket the value start
             assert len(tok.decode(ids[:v])) <= s < len(tok.decode(ids[:v + 1]))
             piece = tok.decode([ids[v]])
@@ -115,8 +118,32 @@ def test_value_tok_points_at_first_token_of_every_value(world, tok, enc):
     docs = world.bios()
     assert _check_value_tok(tok, docs, enc) == 6 * len(docs)
     assert np.array_equal(enc.offsets[1:] - enc.offsets[:-1],
-                          [len(_ids(tok, t)) for t in docs.text])
+                          [len(_ids(tok, " " + t)) for t in docs.text])
     assert enc.ids.dtype == np.int32 and enc.offsets[-1] == len(enc.ids)
+
+
+def doc_starts_with(doc, ids):
+    return doc[:len(ids)] == ids
+
+
+def test_a_name_opening_a_bio_is_the_same_tokens_as_in_a_question(world, tok, enc):
+    """Byte-level BPE splits a word differently at the start of a text; documents are
+    encoded with a leading space so the name's tokens match the questions'."""
+    assert tdata.doc_prefix(tok) == " "
+    for d in range(0, len(enc), 37):
+        p = int(enc.person[d])
+        name = world.people.names[p]
+        question = world.qa([p]).question[0]
+        assert name in question
+        in_q = _ids(tok, " " + name)
+        q_ids = _ids(tok, prompt(question))
+        assert doc_starts_with(enc.doc(d).tolist(), in_q)  # the bio opens with the name ...
+        assert any(q_ids[i:i + len(in_q)] == in_q for i in range(len(q_ids)))  # ... as asked
+    # a tokenizer that adds its own prefix space gets none from us
+    class Spm:
+        def __call__(self, s, add_special_tokens=False):
+            return {"input_ids": [hash(w) for w in s.split()]}
+    assert tdata.doc_prefix(Spm()) == ""
 
 
 def test_value_tok_on_bior_and_non_ascii_text_both_paths(tok, monkeypatch):
@@ -193,6 +220,37 @@ def test_whole_doc_packing_never_splits_a_document(tok, enc):
         DocStream(enc, int(enc.lengths.max()), eos, whole=True)
 
 
+def test_named_packing_masks_only_the_leading_fragment(tok, enc):
+    eos = tok.eos_token_id
+    plain = DocStream(enc, L, eos, seed=1)
+    named = DocStream(enc, L, eos, seed=1, mask_head=True)
+    n = plain.sequences_per_epoch + 5  # crosses into the second epoch
+    a, b = plain.sequences(0, n), named.sequences(0, n)
+    assert np.array_equal(a["input_ids"], b["input_ids"])  # same tokens, same order
+    starts = set()  # stream positions where a document starts
+    for e in (0, 1):
+        pos = 0
+        for d in plain.order(e).tolist():
+            starts.add((e, pos))
+            pos += int(enc.lengths[d]) + 1
+    masked_rows = 0
+    for k in range(n):
+        e, j = divmod(k, plain.sequences_per_epoch)
+        ids, lab = b["input_ids"][k], b["labels"][k]
+        keep = lab != -100
+        assert np.array_equal(lab[keep], ids[keep])
+        if (e, j * L) in starts:
+            assert keep.all()
+            continue
+        masked_rows += 1
+        eos_at = np.flatnonzero(ids == eos)
+        cut = int(eos_at[0]) + 1 if len(eos_at) else L  # fragment + its EOS
+        assert not keep[:cut].any() and keep[cut:].all()
+    assert masked_rows > n // 2
+    with pytest.raises(FactlabError, match="mask_head"):
+        DocStream(enc, 2 * L, eos, whole=True, mask_head=True)
+
+
 @pytest.mark.parametrize("kind", ["doc", "qa", "mix"])
 def test_streams_are_randomly_addressable(kind, tok, enc, enc_qa):
     def make():
@@ -265,6 +323,20 @@ def test_qa_stream_packs_whole_examples_with_answer_only_labels(tok, qa, enc_qa)
     assert s.order(0).tolist() != s.order(1).tolist()
 
 
+def test_unpacked_qa_stream_holds_one_example_per_sequence(tok, qa, enc_qa):
+    s = QAStream(enc_qa, L, tok.pad_token_id, seed=2, pack=False)
+    assert s.sequences_per_epoch == len(enc_qa) == s.epoch_size(1)
+    got = s.sequences(len(enc_qa) - 3, 6)  # crosses the epoch boundary
+    want = np.concatenate([s.order(0)[-3:], s.order(1)[:3]])
+    for row_ids, row_lab, q in zip(got["input_ids"], got["labels"], want.tolist()):
+        ex = enc_qa.example(q)
+        n = len(ex)
+        assert row_ids[:n].tolist() == ex.tolist() and (row_ids[n:] == tok.pad_token_id).all()
+        a0 = int(enc_qa.answer_start[q])
+        assert (row_lab[:a0] == -100).all() and (row_lab[n:] == -100).all()
+        assert row_lab[a0:n].tolist() == ex[a0:].tolist()
+
+
 def test_too_long_qa_example_raises(tok, enc_qa):
     longest = int(enc_qa.lengths.max())
     with pytest.raises(FactlabError, match="longer than seq_len"):
@@ -327,7 +399,7 @@ def test_first_token_targets_in_bios(world, tok, enc):
         assert piece.lstrip()[0] == docs.text[d][s]
         assert t.person[i] == docs.person[d]
         # the prefix up to and including position p ends right before the value
-        assert len(tok.decode(t.input_ids[r, :p + 1].tolist())) <= s
+        assert len(tok.decode(t.input_ids[r, :p + 1].tolist())) <= s + 1  # + the leading space
     sub = first_token_targets(enc, 512, docs=[3, 1])
     assert sub.input_ids.shape[0] == 2 and set(sub.source.tolist()) == {1, 3}
     assert len(sub) == 12

@@ -32,6 +32,8 @@ class FinetuneConfig(TrainConfig):
     mode: str = "lora"  # lora | full
     lora_r: int = Field(8, ge=1)
     lora_r_embed: int = Field(128, ge=0)
+    # one QA example per sequence (True: pack several per sequence) -- see QAStream
+    pack_qa: bool = False
 
     @field_validator("mode")
     @classmethod
@@ -53,7 +55,8 @@ class CellConfig(Strict):
     regime: str = "pretrain+finetune"  # pretrain+finetune | mixed
     qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences
     # bio packing: concat (join with EOS, cut every `context` tokens; the paper's) or whole
-    # (never split a bio; pad the rest of a sequence) -- see DocStream
+    # (never split a bio; pad the rest of a sequence) or named (concat, with the leading
+    # fragment of a split bio kept in context but out of the loss) -- see DocStream
     packing: str = "concat"
     world: WorldConfig = WorldConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -73,8 +76,8 @@ class CellConfig(Strict):
     @field_validator("packing")
     @classmethod
     def _packing(cls, v):
-        if v not in ("concat", "whole"):
-            raise ValueError("must be 'concat' or 'whole'")
+        if v not in ("concat", "whole", "named"):
+            raise ValueError("must be 'concat', 'whole' or 'named'")
         return v
 
 

@@ -104,8 +104,10 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     enc_docs = encode_docs(tok, world.bios())
     enc_train_qa = encode_qa(tok, training_qa(world))
     docs = DocStream(enc_docs, L, tok.eos_token_id, seed=cell.pretrain.seed,
-                     whole=cell.packing == "whole", pad_id=tok.pad_token_id)
-    qa = QAStream(enc_train_qa, L, tok.pad_token_id, seed=cell.finetune.seed)
+                     whole=cell.packing == "whole", pad_id=tok.pad_token_id,
+                     mask_head=cell.packing == "named")
+    qa = QAStream(enc_train_qa, L, tok.pad_token_id, seed=cell.finetune.seed,
+                  pack=cell.finetune.pack_qa or cell.regime == "mixed")
     curves = Curves(world, tok, enc_docs, L, cell.eval.first_token_people,
                     batch_size=cell.eval.batch_size)
     fpt = flops_per_token(model, L)

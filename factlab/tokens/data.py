@@ -98,19 +98,41 @@ class EncodedDocs:
         return self.ids[self.offsets[d]:self.offsets[d + 1]]
 
 
+def doc_prefix(tokenizer) -> str:
+    """What :func:`encode_docs` puts before every document: ``" "`` for tokenizers (byte-level
+    BPE: ours, GPT-2's) where a word at the start of a text is a different token from the
+    same word after a space, ``""`` for those that add a prefix space themselves.
+
+    Why: a bio starts with the person's name and a question has it after a space. Without
+    the space the first name of ``"Caleb Sidney Aguilar was born"`` is ``C|al|eb`` and in
+    ``"... of Caleb Sidney Aguilar?"`` it is ``Cal|eb`` (with its space): the model stores
+    what it learns on one set of tokens and the question asks with another. On the CPU
+    quickstart model this alone held OOD extraction near 20% with the bios memorised.
+    """
+    def ids(s):
+        return list(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+    bare, spaced, inner = ids("Name"), ids(" Name"), ids("x Name")
+    return " " if bare != spaced and inner[-len(spaced):] == spaced else ""
+
+
 def encode_docs(tokenizer, docs) -> EncodedDocs:
     """Tokenize every document of ``docs`` (a :class:`~factlab.text.documents.Docs`) and
-    locate the first token of every attribute value from its character span."""
+    locate the first token of every attribute value from its character span. Each text is
+    encoded with :func:`doc_prefix` before it, so a name opening a document is the same
+    tokens as the name inside a question."""
     texts = docs.text
     D = len(texts)
     spans = np.asarray(docs.spans)
     A = spans.shape[1] if spans.ndim == 3 else 0
     table = _byte_lengths(tokenizer)
+    pre = doc_prefix(tokenizer)
     id_parts, len_parts, vt_parts = [], [], []
     for lo in range(0, D, CHUNK):
         hi = min(lo + CHUNK, D)
-        batch = list(texts[lo:hi])
+        batch = [pre + t for t in texts[lo:hi]]
         starts = spans[lo:hi, :, 0].astype(np.int64) if A else np.zeros((hi - lo, 0), np.int64)
+        starts = np.where(starts >= 0, starts + len(pre), starts)
         got = _encode_chunk_bytes(tokenizer, batch, starts, table) if table is not None else None
         if got is None:  # not byte-level (or bytes did not add up): use offset mappings
             got = _encode_chunk_offsets(tokenizer, batch, starts)
@@ -288,14 +310,22 @@ class DocStream:
     not shorten the flat phase before memorisation measurably; see the README.) With
     ``seq_len`` below two documents' length every sequence holds exactly one document, so
     no other person's name is in context either.
+
+    ``mask_head=True`` (concatenation otherwise unchanged) takes the leading fragment of a
+    sequence -- the end of a document whose start, and so its name, fell into the previous
+    sequence -- out of the loss (labels -100 up to and including its EOS). The fragment
+    stays in context, so names appear at every position, after another person's text, as
+    they do in a question; but no target is predicted without its person in view.
     """
 
     def __init__(self, enc: EncodedDocs, seq_len: int, eos_id: int, seed: int = 0,
-                 whole: bool = False, pad_id: int | None = None):
+                 whole: bool = False, pad_id: int | None = None, mask_head: bool = False):
         if seq_len < 1:
             raise FactlabError(f"seq_len must be >= 1, got {seq_len}")
+        if whole and mask_head:
+            raise FactlabError("mask_head applies to concatenation, not whole-document packing")
         self.enc, self.seq_len, self.eos_id, self.seed = enc, int(seq_len), int(eos_id), seed
-        self.whole = bool(whole)
+        self.whole, self.mask_head = bool(whole), bool(mask_head)
         self.lens = enc.lengths
         self.tokens_per_epoch = int(self.lens.sum()) + len(self.lens)
         self._packer = None
@@ -347,13 +377,25 @@ class DocStream:
         _check_range(start, n)
         L, spe = self.seq_len, self.sequences_per_epoch
         out = np.empty((n, L), dtype=np.int64)
+        at_doc = np.ones(n, dtype=bool)  # does the row start a document?
         k = start
         while k < start + n:  # one contiguous run per epoch touched
             e, j = divmod(k, spe)
             m = min(spe - j, start + n - k)
             out[k - start:k - start + m] = self._tokens(e, j * L, (j + m) * L).reshape(m, L)
+            if self.mask_head:
+                row_starts = np.arange(j, j + m, dtype=np.int64) * L
+                ends = self._cache.get_or(e, self._epoch)[0]
+                at_doc[k - start:k - start + m] = (row_starts == 0) | np.isin(row_starts, ends)
             k += m
-        return {"input_ids": out, "labels": out.copy()}
+        labels = out.copy()
+        if self.mask_head and not at_doc.all():
+            is_eos = out == self.eos_id
+            # first EOS of the row (a row without one is all fragment: mask it whole)
+            first = np.where(is_eos.any(1), is_eos.argmax(1), L - 1)
+            head = (np.arange(L)[None, :] <= first[:, None]) & ~at_doc[:, None]
+            labels[head] = -100
+        return {"input_ids": out, "labels": labels}
 
 
 class QAStream:
@@ -365,10 +407,18 @@ class QAStream:
     Labels are the token ids on completion tokens and the final EOS, -100 on prompts and
     padding. The number of sequences per epoch depends on the order (it varies by a few
     between epochs); ``sequences_per_epoch`` is epoch 0's, :meth:`epoch_size` any epoch's.
+
+    ``pack=False`` puts one example in each sequence (the loop trims the padding). This is
+    what QA finetuning wants: in a packed row every question after the first is asked with
+    other people's questions and answers in view, and on the CPU quickstart's
+    multi5+permute model OOD exact match after a full finetune was 26% packed vs 44% one
+    per sequence (same steps, lr 3e-4), with one eighth of the compute.
     """
 
-    def __init__(self, enc: EncodedQA, seq_len: int, pad_id: int, seed: int = 0):
+    def __init__(self, enc: EncodedQA, seq_len: int, pad_id: int, seed: int = 0,
+                 pack: bool = True):
         self.enc, self.seq_len, self.pad_id, self.seed = enc, int(seq_len), int(pad_id), seed
+        self.pack = bool(pack)
         self.lens = enc.lengths
         if len(self.lens) == 0:
             raise FactlabError("QAStream: no QA examples")
@@ -386,6 +436,8 @@ class QAStream:
     def _epoch(self, epoch: int):
         perm = self.order(epoch)
         cum = np.concatenate([[0], np.cumsum(self.lens[perm])])
+        if not self.pack:
+            return perm, cum, np.arange(len(perm) + 1, dtype=np.int64)
         cl, L, Q = cum.tolist(), self.seq_len, len(perm)
         first = []  # first example (in epoch order) of every sequence
         i = 0
