@@ -32,7 +32,8 @@ class FinetuneConfig(TrainConfig):
     mode: str = "lora"  # lora | full
     lora_r: int = Field(8, ge=1)
     lora_r_embed: int = Field(128, ge=0)
-    # one QA example per sequence (True: pack several per sequence) -- see QAStream
+    # QA finetuning: one question per sequence (True: pack several per sequence; mixed
+    # training has no finetune stage and always packs its QA sequences) -- see QAStream
     pack_qa: bool = False
 
     @field_validator("mode")
