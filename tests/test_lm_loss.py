@@ -6,7 +6,8 @@ import torch
 
 from factlab.model.build import build_model
 from factlab.train import Loop, LoRA, Plugin, TrainConfig
-from factlab.train.lm_loss import IGNORE, LMOutput, causal_lm_loss, cross_entropy
+from factlab.train.lm_loss import (IGNORE, LMOutput, causal_lm_loss, cross_entropy,
+                                   linear_cross_entropy)
 
 
 def _batch(seed, mask_frac):
@@ -57,6 +58,42 @@ def test_cross_entropy_matches_torch_and_handles_empty():
     z = cross_entropy(e, torch.zeros(0, dtype=torch.long))
     z.backward()
     assert float(z.detach()) == 0.0 and e.grad.shape == (0, 33)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_fused_head_matches_linear_then_cross_entropy(bias, chunk):
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(40, 16, generator=g, requires_grad=True)
+    w = (0.5 * torch.randn(50, 16, generator=g)).requires_grad_()
+    b = torch.randn(50, generator=g, requires_grad=True) if bias else None
+    t = torch.randint(0, 50, (40,), generator=g)
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b), t)
+    args = [h, w] + ([b] if bias else [])
+    g_ref = torch.autograd.grad(3 * ref, args)
+    got = linear_cross_entropy(h, w, b, t, chunk=chunk)
+    g_got = torch.autograd.grad(3 * got, args)  # the upstream gradient is honoured
+    assert torch.allclose(got, ref, atol=1e-5)
+    for x, y in zip(g_got, g_ref):
+        assert torch.allclose(x, y, atol=1e-6, rtol=1e-4)
+    # a frozen head (LoRA finetuning) gets no weight gradient, the hidden states still do
+    w.requires_grad_(False)
+    (gh,) = torch.autograd.grad(linear_cross_entropy(h, w, None, t, chunk=chunk), [h])
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    assert torch.allclose(gh, torch.autograd.grad(ref, [h])[0], atol=1e-6, rtol=1e-4)
+
+
+def test_fused_head_under_bf16_autocast_is_close():
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(64, 32, generator=g, requires_grad=True)
+    w = (0.2 * torch.randn(80, 32, generator=g)).requires_grad_()
+    t = torch.randint(0, 80, (64,), generator=g)
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_cross_entropy(h, w, None, t, chunk=10)
+    got.backward()
+    assert got.dtype == torch.float32 and abs(float(got) - float(ref)) < 0.02
+    assert h.grad.dtype == h.dtype and w.grad.dtype == w.dtype
 
 
 def test_with_peft_lora_equals_hf_loss():

@@ -9,8 +9,17 @@ about 40%. The cross-entropy itself is one fused autograd function (log-sum-exp 
 ``softmax - onehot`` backward) instead of ``log_softmax`` + ``nll_loss``, whose backward
 fills and re-reads a ``positions x vocabulary`` gradient.
 
-The selection runs *inside* the model's forward (a pre-hook on its output embedding), so
-DDP, ``peft`` wrappers and ``accelerate`` see an ordinary forward call.
+When the head is a plain ``nn.Linear`` (every factlab model and most HF causal LMs), head
+and cross-entropy are one autograd function that walks the target rows in chunks of a few
+MB: logits, softmax, loss and both gradients (hidden states and head weight) are computed
+chunk by chunk while the chunk is in cache, and the ``positions x vocabulary`` logits never
+exist whole (at GPT-2's 50k vocabulary that is also most of the activation memory).
+Other heads keep the unfused path (the head on the selected rows, then the fused
+cross-entropy).
+
+The selection and the fused head run *inside* the model's forward (the head's forward is
+swapped for the call), so DDP, ``peft`` wrappers and ``accelerate`` see an ordinary forward
+call.
 
 The value equals HF's ``ForCausalLMLoss`` (mean over target tokens of the micro-batch,
 labels shifted by one) to float rounding; ``tests/test_lm_loss.py`` checks value and
@@ -30,14 +39,24 @@ IGNORE = -100
 class LMOutput:
     """What ``Plugin.extra_loss`` receives from the default LM loss.
 
-    ``logits``: (n, V) logits of the n target positions only, in batch order;
+    ``hidden``: (n, d) final hidden states of the n target positions, in batch order;
+    ``logits``: (n, V) their logits (computed from ``hidden`` on first use when the head
+    was fused into the loss; differentiable either way);
     ``mask``: (B, L) bool, True where position t predicts ``targets[mask]`` (token t+1);
     ``targets``: (n,) the target ids."""
 
     loss: torch.Tensor
-    logits: torch.Tensor
+    hidden: torch.Tensor
     mask: torch.Tensor
     targets: torch.Tensor
+    head: torch.nn.Module | None = None
+    _logits: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        if self._logits is None:
+            self._logits = self.head(self.hidden)
+        return self._logits
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -70,20 +89,91 @@ class _CrossEntropy(torch.autograd.Function):
         return grad.to(ctx.dtype), None
 
 
+CHUNK_BYTES = 4 << 20  # fp32 logits per chunk of the fused head: a few MB, cache-sized
+
+
+def _autocast_dtype(device_type: str):
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError, RuntimeError):  # older torch / unknown device
+        pass
+    return None
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``h @ weight.T + bias`` against ``targets``, head included.
+
+    Forward walks the rows in chunks; for each it computes the logits, the loss and the
+    gradient ``softmax - onehot`` in place, then ``grad_h = grad @ weight`` and
+    ``grad_weight += grad.T @ h``. Backward only scales the saved gradients. The matmuls
+    run in the autocast dtype when autocast is on (bf16 on GPUs), softmax in fp32."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk):
+        n = h.shape[0]
+        dt = _autocast_dtype(h.device.type) or h.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        with torch.autocast(h.device.type, enabled=False):
+            w = weight.to(dt)
+            b = bias.float() if bias is not None else None
+            gh = torch.empty_like(h) if need_h else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device) if need_w \
+                else None
+            gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b \
+                else None
+            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            for a in range(0, n, chunk):
+                hc, tc = h[a:a + chunk].to(dt), targets[a:a + chunk]
+                z = (hc @ w.t()).float()
+                if b is not None:
+                    z += b
+                picked = z.gather(1, tc[:, None])
+                zmax = z.amax(1, keepdim=True)
+                z.sub_(zmax).exp_()
+                s = z.sum(1, keepdim=True)
+                total += (s.log() + zmax - picked).sum()
+                if not (need_h or need_w or need_b):
+                    continue
+                z.div_(s)  # softmax; minus onehot below is d(loss_sum)/d(logits)
+                z.scatter_add_(1, tc[:, None], torch.full_like(picked, -1.0))
+                if gb is not None:
+                    gb += z.sum(0)
+                g = z.to(dt)
+                if gh is not None:
+                    gh[a:a + chunk] = g @ w
+                if gw is not None:
+                    gw.addmm_(g.t().float() if dt != torch.float32 else g.t(), hc.float())
+        ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
+        ctx.has = (gh is not None, gw is not None, gb is not None)
+        ctx.n, ctx.w_dtype = max(n, 1), weight.dtype
+        return total / ctx.n
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = iter(ctx.saved_tensors)
+        gh, gw, gb = (next(saved) if has else None for has in ctx.has)
+        scale = g / ctx.n
+        return (gh * scale.to(gh.dtype) if gh is not None else None,
+                (gw * scale).to(ctx.w_dtype) if gw is not None else None,
+                (gb * scale).to(ctx.w_dtype) if gb is not None else None, None, None)
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Mean token cross-entropy of the linear head ``(weight, bias)`` on hidden states ``h``
+    (n, d) against ``targets`` (n,), without materialising the (n, V) logits."""
+    if chunk is None:
+        chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+        if h.is_cuda:
+            chunk *= 16
+    return _LinearCrossEntropy.apply(h, weight, bias, targets, int(chunk))
+
+
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean token cross-entropy; ``logits`` (n, V), ``targets`` (n,) with no ignored ids."""
     return _CrossEntropy.apply(logits, targets)
-
-
-class _SelectRows:
-    """Forward pre-hook on the output head: keep only the rows of ``mask``."""
-
-    def __init__(self, mask: torch.Tensor):
-        self.mask = mask
-
-    def __call__(self, module, args):
-        h = args[0]
-        return (h[self.mask],) + tuple(args[1:])
 
 
 def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, LMOutput]:
@@ -91,19 +181,46 @@ def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict) -> tuple[torch.Tenso
     optionally attention_mask); ``head`` is the unwrapped model's output embedding."""
     targets = shifted_targets(batch["labels"])
     mask = targets != IGNORE
+    t = targets[mask]
     kwargs = {"input_ids": batch["input_ids"]}
     if "attention_mask" in batch:
         kwargs["attention_mask"] = batch["attention_mask"]
-    handle = head.register_forward_pre_hook(_SelectRows(mask))
+    if type(head) is torch.nn.Linear:
+        box = {}
+
+        def fused(h):
+            hs = box["hidden"] = h[mask]
+            box["loss"] = linear_cross_entropy(hs, head.weight, head.bias, t)
+            return hs.new_zeros((hs.shape[0], 0))  # stands in for the logits
+
+        before = head.__dict__.get("forward")  # e.g. an accelerate hook's
+        head.forward = fused
+        try:
+            fwd(**kwargs, use_cache=False)
+        finally:
+            if before is None:
+                del head.forward
+            else:
+                head.forward = before
+        if "loss" not in box:
+            raise RuntimeError("the model did not call its get_output_embeddings() module on "
+                               "the hidden states")
+        return box["loss"], LMOutput(box["loss"], box["hidden"], mask, t, head=head)
+    hidden = {}
+
+    def select(module, args):
+        h = hidden["h"] = args[0][mask]
+        return (h,) + tuple(args[1:])
+
+    handle = head.register_forward_pre_hook(select)
     try:
         out = fwd(**kwargs, use_cache=False)
     finally:
         handle.remove()
     logits = out.logits
-    t = targets[mask]
     if logits.dim() != 2 or logits.shape[0] != t.shape[0]:  # the head was bypassed
         raise RuntimeError(f"output head returned logits of shape {tuple(logits.shape)}, "
                            f"expected ({t.shape[0]}, V): the model does not call its "
                            f"get_output_embeddings() module on the hidden states")
     loss = cross_entropy(logits, t)
-    return loss, LMOutput(loss, logits, mask, t)
+    return loss, LMOutput(loss, hidden.get("h"), mask, t, head=head, _logits=logits)
