@@ -10,7 +10,7 @@ from factlab.evaluate.metrics import metrics_from_predictions
 from factlab.experiments.recipe import load_recipe
 from factlab.experiments.run import run_recipe
 
-TINY = ["world.people=40", "world.unknown=4", "model.size=tiny", "tokenizer.vocab_size=400", "model.context=192",
+TINY = ["world.people=40", "world.unknown=4", "model.size=tiny", "tokenizer.vocab_size=400", "model.context=256",
         "pretrain.steps=12", "pretrain.eval_every=6", "pretrain.log_every=6",
         "finetune.steps=4", "finetune.lora_r_embed=8", "finetune.log_every=2",
         "eval.first_token_people=5", "parallel=1"]
@@ -52,3 +52,29 @@ def test_recipe_errors():
         load_recipe("fig3", ["only=multi9"])
     r = load_recipe("fig3", ["only=single,multi5"])
     assert [c.name for c in r.cells] == ["single", "multi5"]
+
+
+def test_packing_schedule():
+    from factlab.experiments.recipe import packing_segments
+    from factlab.experiments.run import bio_stream
+    from factlab.tokens import Schedule, encode_docs, world_tokenizer
+    from factlab.world import WorldConfig, make_world
+
+    r = load_recipe("quickstart", TINY + ["pretrain.steps=10"])
+    r.cells[0].packing = {"whole": 0.7, "named": 0.3}
+    cell = r.cells[0].model_validate(r.cells[0].model_dump())
+    assert packing_segments(cell.packing, 10) == [("whole", 7), ("named", 3)]
+    assert packing_segments("named", 10) == [("named", 10)]
+    world = make_world(WorldConfig(people=20, unknown=0))
+    tok = world_tokenizer(world, 400)
+    s = bio_stream(cell, encode_docs(tok, world.bios()), tok)
+    assert isinstance(s, Schedule)
+    b = cell.pretrain.batch_size
+    whole, named = s.streams
+    assert whole.whole and named.mask_head and s.starts[1] == 7 * b
+    for bad, msg in [("{whole: 0.7, named: 0.2}", "sum to 1"), ("{whole: 1.0, nope: 0.0}", "unknown"),
+                     ("{whole: 0.99, named: 0.01}", "gets no step")]:
+        with pytest.raises(FactlabError, match=msg):
+            load_recipe("quickstart", TINY + ["pretrain.steps=10", f"packing={bad}"])
+    with pytest.raises(FactlabError, match="mixed"):
+        load_recipe("quickstart", TINY + ["regime=mixed", "packing={whole: 0.5, named: 0.5}"])

@@ -6,9 +6,9 @@ import pytest
 from factlab.errors import FactlabError
 from factlab.text.documents import Docs
 from factlab.text.qa import completion, prompt, training_qa
-from factlab.tokens import (EOS, PAD, DocStream, Mixture, QAStream, encode_docs, encode_qa,
-                            first_token_targets, load_tokenizer, qa_first_token_targets,
-                            train_tokenizer, world_tokenizer)
+from factlab.tokens import (EOS, PAD, DocStream, Mixture, QAStream, Schedule, encode_docs,
+                            encode_qa, first_token_targets, load_tokenizer,
+                            qa_first_token_targets, train_tokenizer, world_tokenizer)
 from factlab.tokens import data as tdata
 from factlab.world import WorldConfig, make_world
 
@@ -249,6 +249,25 @@ def test_named_packing_masks_only_the_leading_fragment(tok, enc):
     assert masked_rows > n // 2
     with pytest.raises(FactlabError, match="mask_head"):
         DocStream(enc, 2 * L, eos, whole=True, mask_head=True)
+
+
+def test_schedule_switches_streams_at_the_boundary(tok, enc):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    whole = DocStream(enc, 3 * L, eos, seed=1, whole=True, pad_id=pad)
+    named = DocStream(enc, 3 * L, eos, seed=2, mask_head=True)
+    s = Schedule([whole, named], [7])
+    got = s.sequences(3, 10)  # rows 3..6 from whole, then named's rows 0..5
+    for key in ("input_ids", "labels"):
+        want = np.concatenate([whole.sequences(3, 4)[key], named.sequences(0, 6)[key]])
+        assert np.array_equal(got[key], want)
+    assert np.array_equal(s.sequences(0, 7)["labels"], whole.sequences(0, 7)["labels"])
+    assert np.array_equal(s.sequences(50, 3)["input_ids"], named.sequences(43, 3)["input_ids"])
+    with pytest.raises(FactlabError, match="segment lengths"):
+        Schedule([whole, named], [7, 3])
+    with pytest.raises(FactlabError, match=">= 1"):
+        Schedule([whole, named], [0])
+    with pytest.raises(FactlabError, match="seq_len"):
+        Schedule([whole, DocStream(enc, L, eos)], [4])
 
 
 @pytest.mark.parametrize("kind", ["doc", "qa", "mix"])

@@ -4,9 +4,10 @@ overrides any shared key (deep merge), e.g. its augmentation or regime."""
 from __future__ import annotations
 
 from importlib import resources
+from itertools import accumulate
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from factlab.config import Strict, build, deep_merge, load_yaml, parse_overrides
 from factlab.errors import FactlabError
@@ -57,8 +58,10 @@ class CellConfig(Strict):
     qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences
     # bio packing: concat (join with EOS, cut every `context` tokens; the paper's) or whole
     # (never split a bio; pad the rest of a sequence) or named (concat, with the leading
-    # fragment of a split bio kept in context but out of the loss) -- see DocStream
-    packing: str = "concat"
+    # fragment of a split bio kept in context but out of the loss) -- see DocStream.
+    # A mapping is a curriculum over pretraining steps, in order: {whole: 0.8, named: 0.2}
+    # packs whole for the first 80% of the steps, then named (tokens.data.Schedule)
+    packing: str | dict[str, float] = "concat"
     world: WorldConfig = WorldConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
@@ -77,9 +80,43 @@ class CellConfig(Strict):
     @field_validator("packing")
     @classmethod
     def _packing(cls, v):
-        if v not in ("concat", "whole", "named"):
-            raise ValueError("must be 'concat', 'whole' or 'named'")
-        return v
+        kinds = ("concat", "whole", "named")
+        if isinstance(v, str):
+            if v not in kinds:
+                raise ValueError("must be 'concat', 'whole' or 'named', or a mapping of "
+                                 "them to fractions of the pretraining steps")
+            return v
+        if not v:
+            raise ValueError("a packing schedule needs at least one packing")
+        bad = [k for k in v if k not in kinds]
+        if bad:
+            raise ValueError(f"unknown packing {bad[0]!r} in the schedule (choose from "
+                             f"{', '.join(kinds)})")
+        if any(not (f > 0) for f in v.values()) or abs(sum(v.values()) - 1) > 1e-6:
+            raise ValueError(f"the fractions of a packing schedule must be > 0 and sum to 1, "
+                             f"got {dict(v)}")
+        return dict(v)
+
+    @model_validator(mode="after")
+    def _schedule(self):
+        if isinstance(self.packing, dict) and len(self.packing) > 1:
+            if self.regime == "mixed":
+                raise ValueError("a packing schedule applies to BIO pretraining, not to "
+                                 "mixed training; give one packing")
+            for name, n in packing_segments(self.packing, self.pretrain.steps):
+                if n < 1:
+                    raise ValueError(f"packing {name!r} gets no step of the "
+                                     f"{self.pretrain.steps} pretraining steps")
+        return self
+
+
+def packing_segments(packing: str | dict[str, float], steps: int) -> list[tuple[str, int]]:
+    """``[(packing, steps), ...]`` in order; the step counts sum to ``steps``."""
+    if isinstance(packing, str):
+        return [(packing, steps)]
+    names, fracs = list(packing), list(accumulate(packing.values()))
+    ends = [int(round(f * steps)) for f in fracs[:-1]] + [steps]
+    return [(k, e - b) for k, b, e in zip(names, [0] + ends[:-1], ends)]
 
 
 class Recipe(Strict):

@@ -63,7 +63,8 @@ def write_report(out: Path, recipe, results: list[dict]) -> Path:
     if c0 is not None:
         lines += ["", f"Model: {c0.model.arch} / {c0.model.size}, context {c0.model.context}; "
                   f"tokenizer vocab {c0.tokenizer.vocab_size}; pretrain {c0.pretrain.steps} "
-                  f"steps x {c0.pretrain.batch_size} seqs, lr {c0.pretrain.lr}; finetune "
+                  f"steps x {c0.pretrain.batch_size} seqs, lr {c0.pretrain.lr}, bios packed "
+                  f"{_packing(c0)}; finetune "
                   f"{c0.finetune.mode} {c0.finetune.steps} steps x {c0.finetune.batch_size}, "
                   f"lr {c0.finetune.lr}.", ""]
     plots = _plots(out, results, cells)
@@ -132,3 +133,11 @@ def _plots(out: Path, results: list[dict], cells) -> list[Path]:
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def _packing(cell) -> str:
+    from factlab.experiments.recipe import packing_segments
+
+    segs = packing_segments(cell.packing, cell.pretrain.steps)
+    return segs[0][0] if len(segs) == 1 else " then ".join(f"{p} ({n} steps)" for p, n in segs)
+

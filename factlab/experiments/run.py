@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 
 from factlab.errors import FactlabError
-from factlab.experiments.recipe import CellConfig, Recipe
+from factlab.experiments.recipe import CellConfig, Recipe, packing_segments
 from factlab.io import atomic_write_text, write_jsonl
 
 
@@ -78,6 +78,22 @@ def eval_people(world, cell: CellConfig):
     return (tr[:cap], te[:cap]) if cap else (tr, te)
 
 
+def bio_stream(cell: CellConfig, enc_docs, tok):
+    """The pretraining stream of bios: one packing, or a Schedule of packings."""
+    from factlab.tokens.data import DocStream, Schedule
+
+    def stream(packing: str, i: int):
+        return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
+                         seed=cell.pretrain.seed + i, whole=packing == "whole",
+                         pad_id=tok.pad_token_id, mask_head=packing == "named")
+
+    segments = packing_segments(cell.packing, cell.pretrain.steps)
+    if len(segments) == 1:
+        return stream(segments[0][0], 0)
+    return Schedule([stream(p, i) for i, (p, _) in enumerate(segments)],
+                    [n * cell.pretrain.batch_size for _, n in segments[:-1]])
+
+
 def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     """Train and evaluate one cell; returns (and writes) its result."""
     import torch
@@ -86,7 +102,7 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     from factlab.evaluate.curves import Curves
     from factlab.model.build import flops_per_token
     from factlab.text.qa import training_qa
-    from factlab.tokens.data import DocStream, Mixture, QAStream, encode_docs, encode_qa
+    from factlab.tokens.data import Mixture, QAStream, encode_docs, encode_qa
     from factlab.train import LoRA, Loop
 
     from accelerate import PartialState
@@ -103,9 +119,7 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     L = cell.model.context
     enc_docs = encode_docs(tok, world.bios())
     enc_train_qa = encode_qa(tok, training_qa(world))
-    docs = DocStream(enc_docs, L, tok.eos_token_id, seed=cell.pretrain.seed,
-                     whole=cell.packing == "whole", pad_id=tok.pad_token_id,
-                     mask_head=cell.packing == "named")
+    docs = bio_stream(cell, enc_docs, tok)
     qa = QAStream(enc_train_qa, L, tok.pad_token_id, seed=cell.finetune.seed,
                   pack=cell.finetune.pack_qa or cell.regime == "mixed")
     curves = Curves(world, tok, enc_docs, L, cell.eval.first_token_people,

@@ -562,6 +562,47 @@ class Mixture:
         return {"input_ids": ids, "labels": lab}
 
 
+class Schedule:
+    """Streams one after another: the first ``lengths[0]`` sequences come from
+    ``streams[0]`` (its sequences 0, 1, ...), the next ``lengths[1]`` from ``streams[1]``
+    (again from its sequence 0), and so on; the last stream runs on without end.
+
+    A curriculum over packings: the CPU quickstart memorises bios packed whole (fast, but
+    each person sits at position 0 of its sequence) and then packs them ``named`` so that
+    a name found after other text is looked up too. Addressed by sequence index like every
+    stream here, so a resumed run sees the same data.
+    """
+
+    def __init__(self, streams: list, lengths: list[int]):
+        if not streams or len(lengths) != len(streams) - 1:
+            raise FactlabError(f"Schedule: {len(streams)} streams need {len(streams) - 1} "
+                               f"segment lengths, got {len(lengths)}")
+        if any(int(n) < 1 for n in lengths):
+            raise FactlabError(f"Schedule: segment lengths must be >= 1, got {list(lengths)}")
+        lens = {int(s.seq_len) for s in streams}
+        if len(lens) != 1:
+            raise FactlabError(f"Schedule: streams have different seq_len {sorted(lens)}")
+        self.streams, self.seq_len = list(streams), lens.pop()
+        self.starts = np.concatenate([[0], np.cumsum(np.asarray(lengths, np.int64))])
+
+    @property
+    def sequences_per_epoch(self) -> int:
+        return self.streams[-1].sequences_per_epoch
+
+    def sequences(self, start: int, n: int) -> dict:
+        _check_range(start, n)
+        parts, k = [], start
+        while k < start + n:
+            i = int(np.searchsorted(self.starts, k, side="right")) - 1
+            end = int(self.starts[i + 1]) if i + 1 < len(self.starts) else start + n
+            m = min(end, start + n) - k
+            parts.append(self.streams[i].sequences(k - int(self.starts[i]), m))
+            k += m
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+
+
 # --------------------------------------------------------------------------- first token
 
 @dataclass
