@@ -2,17 +2,21 @@
 and precision, in the same run.
 
     python bench/train_throughput.py [--size small] [--steps 150] [--batch 8] [--context 128]
-                                     [--regime pretrain|qa|both] [--rounds 3]
+                                     [--regime pretrain,named,whole,qa] [--rounds 3]
 
 Both train a freshly initialised model (same seed) for the same number of steps on the
 same sequences; wall time of the whole training call is measured (first 10 steps excluded
 as warm-up for both, by timing two runs of different length). The two loops take turns,
 ``--rounds`` times (order alternating), and the median of the per-round ratios is
 reported, so a machine whose speed drifts (shared CPUs) does not favour whichever loop ran
-in its faster minutes. Two regimes:
+in its faster minutes. Regimes:
 
 - ``pretrain``: BIO pretraining on bioS multi5+permute bios joined with EOS and packed
-  (every position is a target);
+  (every position is a target; the paper's packing);
+- ``named``: the same with the leading fragment of a split bio out of the loss (the
+  quickstart's second phase);
+- ``whole``: one whole bio per sequence, the rest padding out of the loss (the
+  quickstart's first phase; factlab trims the padding, Trainer computes it);
 - ``qa``: QA finetuning on P_train questions packed whole, loss on answer tokens only
   (labels -100 elsewhere, as both loops get them).
 
@@ -47,7 +51,9 @@ def data(people: int, context: int, vocab: int, regime: str = "pretrain"):
     if regime == "qa":
         return tok, QAStream(encode_qa(tok, training_qa(world)), context, tok.pad_token_id,
                              seed=0)
-    return tok, DocStream(encode_docs(tok, world.bios()), context, tok.eos_token_id, seed=0)
+    return tok, DocStream(encode_docs(tok, world.bios()), context, tok.eos_token_id, seed=0,
+                          whole=regime == "whole", pad_id=tok.pad_token_id,
+                          mask_head=regime == "named")
 
 
 def run_factlab(model, stream, steps, batch, precision, out):
@@ -98,11 +104,15 @@ def main():
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--people", type=int, default=1000)
     ap.add_argument("--precision", default="auto")
-    ap.add_argument("--regime", default="both", choices=("pretrain", "qa", "both"))
+    ap.add_argument("--regime", default="pretrain,named,whole,qa",
+                    help="comma-separated: pretrain (concat), named, whole, qa")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     precision = _precision(TrainConfig(precision=args.precision))
-    regimes = ("pretrain", "qa") if args.regime == "both" else (args.regime,)
+    regimes = [r.strip() for r in args.regime.split(",") if r.strip()]
+    bad = [r for r in regimes if r not in ("pretrain", "named", "whole", "qa")]
+    if bad:
+        ap.error(f"unknown regime {bad[0]!r}")
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     peak = peak_flops(dev)
     print(f"device: {torch.cuda.get_device_name() if dev.type == 'cuda' else 'cpu'}, "
@@ -121,10 +131,12 @@ def main():
         short = 10
         for r in range(args.rounds):
             for name, fn in (loops if r % 2 == 0 else loops[::-1]):
-                # steady-state time = (long run - short run): excludes set-up and warm-up
-                t_short = fn(model(), stream, short, args.batch, precision, f"{tmp}/{name}-s")
+                # steady-state time = (long run - short run): excludes set-up and warm-up;
+                # a fresh directory each run (factlab would resume a finished one)
+                t_short = fn(model(), stream, short, args.batch, precision,
+                             f"{tmp}/{name}-{r}-s")
                 t_long = fn(model(), stream, args.steps, args.batch, precision,
-                            f"{tmp}/{name}-l")
+                            f"{tmp}/{name}-{r}-l")
                 runs[name].append((args.steps - short) * args.batch * args.context
                                   / (t_long - t_short))
         shutil.rmtree(tmp, ignore_errors=True)
