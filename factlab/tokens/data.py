@@ -306,10 +306,10 @@ class DocStream:
     label -100 (a document longer than ``seq_len`` is an error). At a short context this
     matters: with ``seq_len`` 128 and ~77-token bios, concatenation splits about 60% of
     bios, and the half without the name teaches the model to guess attributes without
-    looking at the person. (On the CPU quickstart model, 1,000 people, 2,000 steps, it did
-    not shorten the flat phase before memorisation measurably; see the README.) With
-    ``seq_len`` below two documents' length every sequence holds exactly one document, so
-    no other person's name is in context either.
+    looking at the person. With ``seq_len`` below two documents' length every sequence
+    holds exactly one document, so no other person's name is in context either: whole
+    packing memorises fast but keys each person to the start of a sequence, which is why
+    the quickstart ends its pretraining with ``mask_head`` packing (docs/extraction.md §3-4).
 
     ``mask_head=True`` (concatenation otherwise unchanged) takes the leading fragment of a
     sequence -- the end of a document whose start, and so its name, fell into the previous
