@@ -22,10 +22,17 @@ def _grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+class _OtherHead(torch.nn.Linear):
+    """Not exactly nn.Linear: causal_lm_loss takes its unfused path (head, then CE)."""
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("arch", ["gpt2-rope", "llama"])
 @pytest.mark.parametrize("mask_frac", [0.0, 0.6])
-def test_equals_hf_loss_and_gradients(arch, mask_frac):
+def test_equals_hf_loss_and_gradients(arch, mask_frac, fused):
     m = build_model(arch, "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    if not fused:
+        m.get_output_embeddings().__class__ = _OtherHead
     b = _batch(0, mask_frac)
     ref = m(**b).loss
     ref.backward()
@@ -41,6 +48,8 @@ def test_equals_hf_loss_and_gradients(arch, mask_frac):
         assert torch.allclose(g[k], g_ref[k], atol=1e-6, rtol=1e-4), k
     # only target positions reach the head: (n, V) logits, n = number of shifted targets
     n = int((b["labels"][:, 1:] != IGNORE).sum())
+    assert (out._logits is None) == fused  # fused: the (n, V) logits were never made
+    assert out.hidden.shape[0] == n
     assert out.logits.shape == (n, 64) and out.targets.shape == (n,)
     assert int(out.mask.sum()) == n and not out.mask[:, -1].any()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from factlab.experiments.paper import PAPER_OOD_ATTR, paper_mean
+from factlab.experiments.recipe import packing_segments
 from factlab.experiments.probe_report import probe_section
 from factlab.io import atomic_write_text
 
@@ -136,8 +137,6 @@ def _plots(out: Path, results: list[dict], cells) -> list[Path]:
 
 
 def _packing(cell) -> str:
-    from factlab.experiments.recipe import packing_segments
-
     segs = packing_segments(cell.packing, cell.pretrain.steps)
     return segs[0][0] if len(segs) == 1 else " then ".join(f"{p} ({n} steps)" for p, n in segs)
 

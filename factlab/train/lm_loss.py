@@ -143,8 +143,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 g = z.to(dt)
                 if gh is not None:
                     gh[a:a + chunk] = g @ w
-                if gw is not None:
-                    gw.addmm_(g.t().float() if dt != torch.float32 else g.t(), hc.float())
+                if gw is not None:  # the matmul in dt (bf16 on GPUs), accumulated in fp32
+                    if dt == torch.float32:
+                        gw.addmm_(g.t(), hc)
+                    else:
+                        gw += (g.t() @ hc).float()
         ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
         ctx.has = (gh is not None, gw is not None, gb is not None)
         ctx.n, ctx.w_dtype = max(n, 1), weight.dtype
