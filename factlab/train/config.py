@@ -34,13 +34,33 @@ class TrainConfig(Strict):
     seed: int = 0
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # 0: only at the end
-    ckpt_every: int = Field(0, ge=0)  # 0: only at the end
+    ckpt_every: int = Field(0, ge=0)  # every N steps (0: none by step count)
+    # and every so many minutes of training (0: none by time); always at the end
+    ckpt_minutes: float = Field(2.0, ge=0)
+    optimizer: str = "adamw"  # adamw (fused) | adafactor (transformers') | sgd
+    momentum: float = Field(0.0, ge=0, lt=1)  # sgd only
+    # parameter groups a plugin marks sparse (embedding-like tables): see factlab.train.optim
+    sparse_optimizer: str = "row_adagrad"  # row_adagrad | sparse_adam | sgd
 
     @field_validator("schedule")
     @classmethod
     def _schedule(cls, v):
         if v not in ("cosine", "linear", "constant"):
             raise ValueError("must be 'cosine', 'linear' or 'constant'")
+        return v
+
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer(cls, v):
+        if v not in ("adamw", "adafactor", "sgd"):
+            raise ValueError("must be 'adamw', 'adafactor' or 'sgd'")
+        return v
+
+    @field_validator("sparse_optimizer")
+    @classmethod
+    def _sparse_optimizer(cls, v):
+        if v not in ("row_adagrad", "sparse_adam", "sgd"):
+            raise ValueError("must be 'row_adagrad', 'sparse_adam' or 'sgd'")
         return v
 
     @field_validator("precision")

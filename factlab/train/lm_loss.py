@@ -43,7 +43,16 @@ class LMOutput:
     ``logits``: (n, V) their logits (computed from ``hidden`` on first use when the head
     was fused into the loss; differentiable either way);
     ``mask``: (B, L) bool, True where position t predicts ``targets[mask]`` (token t+1);
-    ``targets``: (n,) the target ids."""
+    ``targets``: (n,) the target ids;
+    ``nll``: (n,) detached per-position negative log-likelihood (fp32);
+    ``argmax``: (n,) bool, the target is the argmax of its position's logits (a tie with
+    another token counts as the argmax);
+    ``row``: (n,) the micro-batch row each target position belongs to.
+
+    Per-row reductions (:meth:`row_nll`, :meth:`row_max_nll`, :meth:`row_all_argmax`) turn
+    these into per-example numbers: with one QA example per row, "every answer token, EOS
+    included, is the argmax" is exactly "greedy decoding reproduces this answer", so a
+    method can decide that a fact is learned without generating."""
 
     loss: torch.Tensor
     hidden: torch.Tensor
@@ -51,12 +60,38 @@ class LMOutput:
     targets: torch.Tensor
     head: torch.nn.Module | None = None
     _logits: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    argmax: torch.Tensor | None = None
 
     @property
     def logits(self) -> torch.Tensor:
         if self._logits is None:
             self._logits = self.head(self.hidden)
         return self._logits
+
+    @property
+    def row(self) -> torch.Tensor:
+        return self.mask.nonzero()[:, 0]
+
+    @property
+    def rows(self) -> int:
+        return self.mask.shape[0]
+
+    def row_nll(self) -> torch.Tensor:
+        """(B,) summed target NLL of every row (0 for a row without targets)."""
+        return torch.zeros(self.rows, device=self.nll.device).index_add_(0, self.row, self.nll)
+
+    def row_max_nll(self) -> torch.Tensor:
+        """(B,) largest per-token NLL of every row (0 for a row without targets)."""
+        out = torch.zeros(self.rows, device=self.nll.device)
+        return out.scatter_reduce_(0, self.row, self.nll, reduce="amax", include_self=True)
+
+    def row_all_argmax(self) -> torch.Tensor:
+        """(B,) bool: every target of the row is its position's argmax (rows without
+        targets: False)."""
+        wrong = torch.zeros(self.rows, dtype=torch.long, device=self.nll.device)
+        wrong.index_add_(0, self.row, (~self.argmax).long())
+        return (wrong == 0) & self.mask.any(1)
 
 
 def shifted_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -76,10 +111,13 @@ class _CrossEntropy(torch.autograd.Function):
         n = max(len(targets), 1)
         ctx.save_for_backward(x, lse, targets)
         ctx.n, ctx.dtype = n, logits.dtype
-        return (lse - picked).sum() / n
+        nll = lse - picked
+        top = picked >= x.amax(1)
+        ctx.mark_non_differentiable(nll, top)
+        return nll.sum() / n, nll, top
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _nll=None, _top=None):
         x, lse, targets = ctx.saved_tensors
         grad = torch.sub(x, lse[:, None]).exp_()  # softmax
         grad.scatter_add_(1, targets[:, None],
@@ -123,7 +161,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 else None
             gb = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if need_b \
                 else None
-            total = torch.zeros((), dtype=torch.float32, device=h.device)
+            nll = torch.empty(n, dtype=torch.float32, device=h.device)
+            top = torch.empty(n, dtype=torch.bool, device=h.device)
             for a in range(0, n, chunk):
                 hc, tc = h[a:a + chunk].to(dt), targets[a:a + chunk]
                 z = (hc @ w.t()).float()
@@ -131,9 +170,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     z += b
                 picked = z.gather(1, tc[:, None])
                 zmax = z.amax(1, keepdim=True)
+                top[a:a + chunk] = (picked >= zmax).squeeze(1)  # free: the max is needed anyway
                 z.sub_(zmax).exp_()
                 s = z.sum(1, keepdim=True)
-                total += (s.log() + zmax - picked).sum()
+                nll[a:a + chunk] = (s.log() + zmax - picked).squeeze(1)
                 if not (need_h or need_w or need_b):
                     continue
                 z.div_(s)  # softmax; minus onehot below is d(loss_sum)/d(logits)
@@ -151,10 +191,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(*(x for x in (gh, gw, gb) if x is not None))
         ctx.has = (gh is not None, gw is not None, gb is not None)
         ctx.n, ctx.w_dtype = max(n, 1), weight.dtype
-        return total / ctx.n
+        ctx.mark_non_differentiable(nll, top)
+        return nll.sum() / ctx.n, nll, top
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _nll=None, _top=None):
         saved = iter(ctx.saved_tensors)
         gh, gw, gb = (next(saved) if has else None for has in ctx.has)
         scale = g / ctx.n
@@ -164,36 +205,52 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+                         targets: torch.Tensor, chunk: int | None = None, *,
+                         per_token: bool = False):
     """Mean token cross-entropy of the linear head ``(weight, bias)`` on hidden states ``h``
-    (n, d) against ``targets`` (n,), without materialising the (n, V) logits."""
+    (n, d) against ``targets`` (n,), without materialising the (n, V) logits.
+    ``per_token=True`` returns ``(mean, nll (n,), argmax (n,) bool)``, both detached."""
     if chunk is None:
         chunk = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
         if h.is_cuda:
             chunk *= 16
-    return _LinearCrossEntropy.apply(h, weight, bias, targets, int(chunk))
+    out = _LinearCrossEntropy.apply(h, weight, bias, targets, int(chunk))
+    return out if per_token else out[0]
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy; ``logits`` (n, V), ``targets`` (n,) with no ignored ids."""
-    return _CrossEntropy.apply(logits, targets)
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, per_token: bool = False):
+    """Mean token cross-entropy; ``logits`` (n, V), ``targets`` (n,) with no ignored ids.
+    ``per_token=True`` returns ``(mean, nll (n,), argmax (n,) bool)``, both detached."""
+    out = _CrossEntropy.apply(logits, targets)
+    return out if per_token else out[0]
 
 
-def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, LMOutput]:
-    """Loss of ``fwd`` (the model, possibly wrapped) on ``batch`` (input_ids, labels and
-    optionally attention_mask); ``head`` is the unwrapped model's output embedding."""
+DEFAULT_INPUTS = frozenset({"input_ids", "attention_mask"})
+
+
+def model_kwargs(batch: dict, inputs=DEFAULT_INPUTS) -> dict:
+    """The keys of ``batch`` a model's forward receives: those named in ``inputs`` (a
+    stream's ``model_inputs``). Labels and bookkeeping columns (example / experience ids)
+    never reach the model: nothing tells it which experience a row came from."""
+    return {k: batch[k] for k in inputs if k in batch and k != "labels"}
+
+
+def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict,
+                   inputs=DEFAULT_INPUTS) -> tuple[torch.Tensor, LMOutput]:
+    """Loss of ``fwd`` (the model, possibly wrapped) on ``batch`` (labels plus the model
+    inputs named in ``inputs``, see :func:`model_kwargs`); ``head`` is the unwrapped model's
+    output embedding."""
     targets = shifted_targets(batch["labels"])
     mask = targets != IGNORE
     t = targets[mask]
-    kwargs = {"input_ids": batch["input_ids"]}
-    if "attention_mask" in batch:
-        kwargs["attention_mask"] = batch["attention_mask"]
+    kwargs = model_kwargs(batch, inputs)
     if type(head) is torch.nn.Linear:
         box = {}
 
         def fused(h):
             hs = box["hidden"] = h[mask]
-            box["loss"] = linear_cross_entropy(hs, head.weight, head.bias, t)
+            box["loss"], box["nll"], box["top"] = linear_cross_entropy(
+                hs, head.weight, head.bias, t, per_token=True)
             return hs.new_zeros((hs.shape[0], 0))  # stands in for the logits
 
         before = head.__dict__.get("forward")  # e.g. an accelerate hook's
@@ -208,7 +265,8 @@ def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict) -> tuple[torch.Tenso
         if "loss" not in box:
             raise RuntimeError("the model did not call its get_output_embeddings() module on "
                                "the hidden states")
-        return box["loss"], LMOutput(box["loss"], box["hidden"], mask, t, head=head)
+        return box["loss"], LMOutput(box["loss"], box["hidden"], mask, t, head=head,
+                                     nll=box["nll"], argmax=box["top"])
     hidden = {}
 
     def select(module, args):
@@ -225,5 +283,6 @@ def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict) -> tuple[torch.Tenso
         raise RuntimeError(f"output head returned logits of shape {tuple(logits.shape)}, "
                            f"expected ({t.shape[0]}, V): the model does not call its "
                            f"get_output_embeddings() module on the hidden states")
-    loss = cross_entropy(logits, t)
-    return loss, LMOutput(loss, hidden.get("h"), mask, t, head=head, _logits=logits)
+    loss, nll, top = cross_entropy(logits, t, per_token=True)
+    return loss, LMOutput(loss, hidden.get("h"), mask, t, head=head, _logits=logits,
+                          nll=nll, argmax=top)

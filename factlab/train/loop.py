@@ -6,9 +6,20 @@ by step, so a resumed run sees exactly the data it would have seen), forward/bac
 gradient accumulation, clip, step, log, evaluate, checkpoint. ``accelerate`` provides the
 device, mixed precision and DDP; ``torch.compile`` is optional.
 
-Resuming: ``OUT/checkpoint`` holds the weights (safetensors) and ``trainer.pt`` (optimizer,
-scheduler, step, RNG, plugin states). Running the same config on the same OUT continues
-from there; on CPU with the same seed the result equals an uninterrupted run.
+Resuming: ``OUT/checkpoint`` holds the trainable weights (safetensors; a frozen backbone
+is recorded by its fingerprint, not written again, see ``factlab.train.checkpoint``) and
+``trainer.pt`` (optimizers, schedulers, step, RNG, plugin states). Checkpoints are written
+every ``ckpt_minutes`` of training (default 2) and/or every ``ckpt_every`` steps, and at the
+end. Running the same config on the same OUT continues from there; on CPU with the same
+seed the result equals an uninterrupted run.
+
+The batch contract: a stream returns ``input_ids`` and ``labels`` (B, L) and any number of
+1-D per-row columns (``example_id``, ``experience``, ...). Only the keys the stream names
+in ``model_inputs`` (default ``input_ids``, ``attention_mask``) reach the model's forward;
+the rest is bookkeeping that plugins read (``extra_loss`` gets the whole micro-batch).
+``next_batch`` may return more rows than it was given: every row is trained, split over
+the ``grad_accum`` micro-batches. ``loop.stop()`` ends the run after the current step and
+still checkpoints and exports; a resumed stopped run stays stopped.
 """
 
 from __future__ import annotations
@@ -26,8 +37,10 @@ import torch
 
 from factlab.errors import FactlabError
 from factlab.io import atomic_write_text, dumps
+from factlab.train.checkpoint import frozen_fingerprint, load_trainable, save_trainable
 from factlab.train.config import TrainConfig
-from factlab.train.lm_loss import causal_lm_loss
+from factlab.train.lm_loss import DEFAULT_INPUTS, causal_lm_loss, model_kwargs
+from factlab.train.optim import dense_optimizer, param_groups, sparse_optimizer, state_bytes
 from factlab.train.plugins import Plugin
 
 # dense bf16 peak FLOP/s for MFU (per device)
@@ -69,20 +82,36 @@ class Loop:
 
     ``evaluate(loop, step) -> dict`` runs every ``eval_every`` steps and at the end; its
     numbers are logged with an ``eval/`` prefix. After :meth:`run`, ``loop.model`` is the
-    trained (unwrapped) model and ``OUT/model`` its HF export (plus the tokenizer).
+    trained (unwrapped) model and ``OUT/model`` its export (plus the tokenizer) unless
+    ``export=False`` (the experience driver's cheap path). ``loop.experience`` is the index
+    of the experience being trained when a driver runs the loop (else None), and
+    ``loop.driver`` the driver.
     """
 
     def __init__(self, model, stream, cfg: TrainConfig, out: str | Path, *,
                  plugins: Sequence[Plugin] = (), evaluate: Callable | None = None,
                  tokenizer=None, accelerator=None, progress: bool = True,
-                 flops_per_token: float | None = None, name: str = "train"):
+                 flops_per_token: float | None = None, name: str = "train",
+                 export: bool = True):
         self.model, self.stream, self.cfg, self.out = model, stream, cfg, Path(out)
         self.plugins, self.evaluate, self.tokenizer = list(plugins), evaluate, tokenizer
         self.accelerator, self.progress, self.name = accelerator, progress, name
         self.flops_per_token = flops_per_token
+        self.export = export
         self.step = 0
         self.history: list[dict] = []
+        self.stopped = False
+        self.experience: int | None = None
+        self.driver = None
+        self.groups: list[dict] = []
+        self.optimizers: list = []
         self._head = None
+        self._stop = False
+
+    def stop(self) -> None:
+        """End the run after the current optimizer step (e.g. every fact is learned); it
+        still checkpoints and exports, and a resume of it does not train on."""
+        self._stop = True
 
     # ------------------------------------------------------------------ setup
     def _accelerator(self):
@@ -99,44 +128,46 @@ class Loop:
                                            cpu=not torch.cuda.is_available())
         return self.accelerator
 
-    def _optimizer(self):
-        params = None
-        for p in self.plugins:
-            params = p.trainable(self) or params
-        if params is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
-        params = list(params)
-        if not params:
-            raise FactlabError(f"{self.name}: no trainable parameters")
-        # weight decay on matrices only (not biases, norms)
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        # fused AdamW (one kernel for all tensors) on CUDA and, since torch 2.4, on CPU
-        fused = all(p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
-        return torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas,
-                                 eps=self.cfg.eps, fused=fused)
+    def _optimizers(self):
+        """The plugins' parameter groups, united, stepped by a dense and (for groups
+        marked sparse) a sparse-row optimizer; see ``factlab.train.optim``."""
+        try:
+            self.groups = param_groups([(p.name, p.trainable(self)) for p in self.plugins],
+                                       self.model.parameters(), self.cfg)
+        except FactlabError as e:
+            raise FactlabError(f"{self.name}: {e}") from None
+        dense = [g for g in self.groups if not g["sparse"]]
+        sparse = [g for g in self.groups if g["sparse"]]
+        opts = []
+        if dense:
+            opts.append(dense_optimizer(dense, self.cfg))
+        if sparse:
+            if self.accelerator.num_processes > 1:
+                raise FactlabError(f"{self.name}: sparse parameter groups "
+                                   f"({', '.join(g['name'] for g in sparse)}) are not "
+                                   f"supported with more than one process")
+            opts.append(sparse_optimizer(sparse, self.cfg))
+        return opts
 
     # ------------------------------------------------------------ checkpoints
     @property
     def ckpt_dir(self) -> Path:
         return self.out / "checkpoint"
 
-    def _save_checkpoint(self, model, opt, sched) -> None:
-        from safetensors.torch import save_model
-
+    def _save_checkpoint(self, model, opts, scheds) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
         if acc.is_main_process:
             tmp = self.out / ".checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_model(acc.unwrap_model(model), str(tmp / "model.safetensors"))
-            torch.save({"step": self.step, "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+            save_trainable(acc.unwrap_model(model), tmp / "model.safetensors")
+            torch.save({"step": self.step, "optimizers": [o.state_dict() for o in opts],
+                        "schedulers": [s.state_dict() for s in scheds],
+                        "torch_rng": torch.get_rng_state(),
                         "plugins": {p.name: p.state_dict() for p in self.plugins},
-                        "history": self.history}, tmp / "trainer.pt")
+                        "history": self.history, "stopped": self.stopped,
+                        "frozen": self._frozen}, tmp / "trainer.pt")
             old = self.out / ".checkpoint.old"
             shutil.rmtree(old, ignore_errors=True)
             if self.ckpt_dir.exists():
@@ -144,21 +175,29 @@ class Loop:
             os.replace(tmp, self.ckpt_dir)
             shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+        self._last_ckpt = time.perf_counter()
 
-    def _resume(self, model, opt, sched) -> int:
-        from safetensors.torch import load_model
-
+    def _resume(self, model, opts, scheds) -> int:
         state_file = self.ckpt_dir / "trainer.pt"
         if not state_file.is_file():
             return 0
-        load_model(self.accelerator.unwrap_model(model), str(self.ckpt_dir / "model.safetensors"))
         state = torch.load(state_file, weights_only=True, map_location="cpu")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        load_trainable(self.accelerator.unwrap_model(model), self.ckpt_dir / "model.safetensors",
+                       state.get("frozen"))
+        opt_states = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
+        sched_states = state["schedulers"] if "schedulers" in state else [state["scheduler"]]
+        if len(opt_states) != len(opts):
+            raise FactlabError(f"{self.ckpt_dir}: the checkpoint has {len(opt_states)} "
+                               f"optimizers, this run builds {len(opts)}")
+        for o, st in zip(opts, opt_states):
+            o.load_state_dict(st)
+        for sc, st in zip(scheds, sched_states):
+            sc.load_state_dict(st)
         torch.set_rng_state(state["torch_rng"])
         for p in self.plugins:
             p.load_state_dict(state["plugins"].get(p.name, {}))
         self.history = state["history"]
+        self.stopped = bool(state.get("stopped", False))
         self._rewrite_metrics()
         return int(state["step"])
 
@@ -184,12 +223,20 @@ class Loop:
         acc = self._accelerator()
         torch.manual_seed(cfg.seed)
         for p in self.plugins:
-            p.setup(self)
-        opt = self._optimizer()
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-        model, opt = acc.prepare(self.model, opt)
-        start = self._resume(model, opt, sched)
+            p.setup(self)  # idempotent: a driver runs one loop per experience
+        opts = self._optimizers()
+        scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in opts]
+        model, *opts = acc.prepare(self.model, *opts)
+        self._frozen = frozen_fingerprint(acc.unwrap_model(model))
+        self._last_ckpt = time.perf_counter()
+        self._stop, self.stopped = False, False
+        start = self._resume(model, opts, scheds)
         self.step = start
+        self.optimizers = opts
+        if start == 0 and acc.is_main_process:  # a fresh start: no rows of an earlier try
+            atomic_write_text(self.out / "metrics.jsonl", "")
+        dense_params = [p for g in self.groups if not g["sparse"] for p in g["params"]]
+        inputs = frozenset(getattr(self.stream, "model_inputs", DEFAULT_INPUTS))
         try:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(self.out / "tb")) if acc.is_main_process else None
@@ -205,31 +252,35 @@ class Loop:
             raise FactlabError(f"batch_size={cfg.batch_size} must be divisible by processes "
                                f"({n_proc}) x grad_accum ({cfg.grad_accum})")
         per_proc = cfg.batch_size // n_proc
-        micro = per_proc // cfg.grad_accum
         seq_len = self.stream.seq_len
-        tokens_per_step = cfg.batch_size * seq_len
         peak = peak_flops(acc.device)
 
         model.train()
         t_last, tok_since = time.perf_counter(), 0
         bar = self._bar(start) if (self.progress and acc.is_main_process) else None
         try:
-            for step in range(start, cfg.steps):
+            for step in range(start, cfg.steps if not self.stopped else start):
                 self.step = step
                 b = self.stream.sequences(step * cfg.batch_size + rank * per_proc, per_proc)
                 batch = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in b.items()}
                 for p in self.plugins:
                     batch = p.next_batch(self, step, batch)
                 if not cfg.compile:
-                    batch = trim_batch(batch)
+                    batch = trim_batch(batch, keys=getattr(self.stream, "sequence_keys", ()))
+                rows = _rows(batch)
+                if rows < cfg.grad_accum:
+                    raise FactlabError(f"{self.name}: a batch of {rows} rows cannot be split "
+                                       f"into grad_accum={cfg.grad_accum} micro-batches")
+                # every row is trained, also those a plugin's next_batch added
+                bounds = np.linspace(0, rows, cfg.grad_accum + 1).round().astype(int)
                 loss_sum = 0.0
                 for k in range(cfg.grad_accum):
-                    mb = {key: v[k * micro:(k + 1) * micro].to(acc.device)
-                          for key, v in batch.items()}
+                    lo, hi = int(bounds[k]), int(bounds[k + 1])
+                    mb = {key: v[lo:hi].to(acc.device) for key, v in batch.items()}
                     sync = k == cfg.grad_accum - 1
                     ctx = acc.no_sync(model) if (not sync and n_proc > 1) else _null()
                     with ctx, acc.autocast():
-                        loss, out = self._loss(fwd, mb)
+                        loss, out = self._loss(fwd, mb, inputs)
                         for p in self.plugins:
                             extra = p.extra_loss(self, mb, out)
                             if extra is not None:
@@ -240,26 +291,31 @@ class Loop:
                     acc.backward(loss / cfg.grad_accum)
                     loss_sum += loss.detach().float().item() / cfg.grad_accum
                 grad_norm = None
-                if cfg.clip > 0:
-                    grad_norm = float(acc.clip_grad_norm_(
-                        [p for g in opt.param_groups for p in g["params"]], cfg.clip))
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
+                if cfg.clip > 0 and dense_params:  # sparse rows stay out of the norm
+                    grad_norm = float(acc.clip_grad_norm_(dense_params, cfg.clip))
+                for o in opts:
+                    o.step()
+                for sc in scheds:
+                    sc.step()
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
                 self.step = step + 1
-                tok_since += tokens_per_step
-                logs = {"step": step + 1, "loss": loss_sum, "lr": sched.get_last_lr()[0]}
+                tok_since += rows * n_proc * seq_len  # sequence positions, as before trimming
+                logs = {"step": step + 1, "loss": loss_sum, "lr": scheds[0].get_last_lr()[0]}
                 if grad_norm is not None:
                     logs["grad_norm"] = grad_norm
                 for p in self.plugins:
                     p.after_step(self, step + 1, logs)
-                last = step + 1 == cfg.steps
+                stop = self._agree(self._stop)
+                last = step + 1 == cfg.steps or stop
                 if (step + 1) % cfg.log_every == 0 or last:
                     now = time.perf_counter()
                     tps = tok_since / max(now - t_last, 1e-9)
                     logs["tokens_per_s"] = tps
                     if peak and self.flops_per_token:
                         logs["mfu"] = tps * self.flops_per_token / (peak * n_proc)
+                    if not self.history:
+                        logs["optimizer_state_bytes"] = state_bytes(opts)
                     t_last, tok_since = now, 0
                     if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and not last:
                         logs.update(self._evaluate(model))
@@ -269,13 +325,21 @@ class Loop:
                 elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
                     logs.update(self._evaluate(model))
                     self._log(logs)
-                if cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0 and not last:
-                    self._save_checkpoint(model, opt, sched)
                 if bar is not None:
                     bar[0].update(bar[1], advance=1, loss=f"{loss_sum:.3f}",
                                   tps=f"{logs.get('tokens_per_s', 0):,.0f}")
-            if start < cfg.steps or not (self.out / "model").exists():
-                self._save_checkpoint(model, opt, sched)
+                if stop:
+                    self.stopped = True
+                    break
+                due = (cfg.ckpt_every and (step + 1) % cfg.ckpt_every == 0) or \
+                    (cfg.ckpt_minutes and (step + 1) % cfg.log_every == 0 and self._agree(
+                        time.perf_counter() - self._last_ckpt >= 60 * cfg.ckpt_minutes))
+                if due and not last:
+                    self._save_checkpoint(model, opts, scheds)
+            finished_now = self.step > start
+            if finished_now or not (self.out / "checkpoint" / "trainer.pt").is_file():
+                self._save_checkpoint(model, opts, scheds)
+            if self.export and (finished_now or not (self.out / "model").exists()):
                 self._export(model)
         finally:
             if bar is not None:
@@ -285,17 +349,25 @@ class Loop:
         self.model = acc.unwrap_model(model)
         return self.history
 
-    def _loss(self, fwd, mb: dict):
+    def _agree(self, flag: bool) -> bool:
+        """``flag`` on any process -> True on all (a stop or a timed checkpoint must be
+        the same decision on every rank)."""
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    def _loss(self, fwd, mb: dict, inputs=DEFAULT_INPUTS):
         """The micro-batch loss: the first plugin whose ``compute_loss`` returns a tensor
-        (e.g. a probe's classifier loss), else the causal-LM loss. Returns (loss, LM output
-        or None)."""
+        (e.g. a probe's classifier loss), else the causal-LM loss over the model inputs
+        ``inputs``. Returns (loss, LM output or None)."""
         for p in self.plugins:
             loss = p.compute_loss(self, fwd, mb)
             if loss is not None:
                 return loss, None
         if self._head is not None:
-            return causal_lm_loss(fwd, self._head, mb)
-        out = fwd(input_ids=mb["input_ids"], labels=mb["labels"])
+            return causal_lm_loss(fwd, self._head, mb, inputs)
+        out = fwd(**model_kwargs(mb, inputs), labels=mb["labels"])
         return out.loss, out
 
     def _evaluate(self, model) -> dict:
@@ -310,18 +382,17 @@ class Loop:
         return {f"eval/{k}": v for k, v in res.items()}
 
     def _export(self, model) -> None:
-        """Save the result as a plain HF model directory (safetensors)."""
+        """Save the result with its ``save_pretrained`` (a plain HF directory, a peft
+        adapter or a factlab wrapper directory; ``factlab.model.load.load_any`` opens each).
+        A plugin's ``export`` returns what to save instead, without changing the model
+        being trained (no copy of it is made either)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return
-        import copy
-
         m = acc.unwrap_model(model)
-        if any(type(p).export is not Plugin.export for p in self.plugins):
-            m = copy.deepcopy(m)
-            for p in self.plugins:
-                m = p.export(self, m)
+        for p in self.plugins:
+            m = p.export(self, m)
         tmp = self.out / ".model.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         m.save_pretrained(tmp, safe_serialization=True)
@@ -344,16 +415,23 @@ class Loop:
         return prog, task
 
 
-_LM_KEYS = {"input_ids", "labels", "attention_mask"}
+_SEQ_KEYS = frozenset({"input_ids", "labels", "attention_mask"})
 
 
-def trim_batch(batch: dict, multiple: int = 8) -> dict:
+def _rows(batch: dict) -> int:
+    return int(next(iter(batch.values())).shape[0])
+
+
+def trim_batch(batch: dict, multiple: int = 8, keys=()) -> dict:
     """Drop the trailing columns after the last target of any row (rounded up to a
     multiple of ``multiple``). Exact for a causal LM: those positions carry no loss and no
     earlier position attends to them. Whole-document packing at context 128 pads ~40% of
-    every row; this cuts most of it. Batches with other keys (plugins' own) are left whole.
+    every row; this cuts most of it. 1-D per-row columns are kept as they are; the
+    sequence keys (``input_ids``, ``labels``, ``attention_mask`` and a stream's
+    ``sequence_keys``) are cut; a batch with any other 2-D key is left whole.
     """
-    if set(batch) - _LM_KEYS or "labels" not in batch:
+    seq = _SEQ_KEYS | frozenset(keys)
+    if "labels" not in batch or any(k not in seq and v.dim() != 1 for k, v in batch.items()):
         return batch
     labels = batch["labels"]
     cols = torch.nonzero((labels != -100).any(0)).flatten()
@@ -361,7 +439,7 @@ def trim_batch(batch: dict, multiple: int = 8) -> dict:
     keep = min(L, -(-(int(cols[-1]) + 1) // multiple) * multiple) if len(cols) else min(L, 1)
     if keep == L:
         return batch
-    return {k: v[:, :keep].contiguous() for k, v in batch.items()}
+    return {k: v[:, :keep].contiguous() if v.dim() > 1 else v for k, v in batch.items()}
 
 
 def _output_head(model):

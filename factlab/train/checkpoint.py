@@ -1,0 +1,88 @@
+"""What a checkpoint holds: the trainable state only.
+
+A run that trains a LoRA adapter, a memory bank or a prompt pool over a frozen backbone
+must not write the backbone again at every checkpoint (135M parameters for SmolLM2, each
+time). :func:`save_trainable` writes the parameters that train plus the module's
+persistent buffers (safetensors); the frozen rest is recorded by a fingerprint (count and
+sha256 of its bytes, plus the backbone's path when the model knows it), and
+:func:`load_trainable` refuses a checkpoint whose frozen part differs from the model it is
+loaded into. A full finetune has no frozen part: its checkpoint is the whole model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from factlab.errors import FactlabError
+
+
+def _frozen_names(model) -> set[str]:
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Trainable parameters and persistent buffers, one name per storage (tied weights
+    once)."""
+    frozen = _frozen_names(model)
+    out, seen = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if name in frozen:
+            continue
+        key = (t.data_ptr(), tuple(t.shape), t.dtype) if t.numel() else (name,)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach()
+    return out
+
+
+def frozen_fingerprint(model) -> dict:
+    """``{"tensors", "elements", "sha256", "path"}`` of the frozen parameters."""
+    h = hashlib.sha256()
+    n = k = 0
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.requires_grad or p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        n += p.numel()
+        k += 1
+    cfg = getattr(model, "config", None)
+    path = getattr(model, "backbone_path", None) or getattr(cfg, "_name_or_path", None) or None
+    return {"tensors": k, "elements": n, "sha256": h.hexdigest() if k else None,
+            "path": str(path) if path else None}
+
+
+def save_trainable(model, path: str | Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.cpu().contiguous() for k, v in trainable_state(model).items()}, str(path))
+
+
+def load_trainable(model, path: str | Path, frozen: dict | None = None) -> None:
+    """Load :func:`save_trainable`'s file into ``model`` (in place). With ``frozen`` (the
+    fingerprint saved beside it), check first that the frozen part is the same."""
+    from safetensors.torch import load_file
+
+    if frozen is not None and frozen.get("sha256") is not None:
+        now = frozen_fingerprint(model)
+        if now["sha256"] != frozen["sha256"]:
+            raise FactlabError(f"{path}: this checkpoint was trained on other frozen weights "
+                               f"({frozen.get('path') or 'unknown backbone'}, "
+                               f"{frozen['elements']:,} elements) than the model given now")
+    sd = load_file(str(path), device="cpu")
+    want = trainable_state(model)
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want and k not in _frozen_names(model)]
+    if missing or extra:
+        what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
+        raise FactlabError(f"{path}: does not fit the model ({what}; "
+                           f"{len(missing)} missing, {len(extra)} unexpected)")
+    with torch.no_grad():
+        for k, v in want.items():
+            v.copy_(sd[k].to(v.device, v.dtype))
