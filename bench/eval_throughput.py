@@ -24,7 +24,7 @@ from factlab.evaluate import evaluate_qa
 from factlab.model import build_model
 from factlab.text.qa import QA, completion, prompt, training_qa
 from factlab.tokens import EOS, world_tokenizer
-from factlab.world import WorldConfig, make_world
+from factlab.corpus import CorpusConfig, make_corpus
 
 def subset(qa: QA, n: int) -> QA:
     return QA(qa.person[:n], qa.attribute[:n], qa.template[:n], qa.question[:n],
@@ -95,7 +95,7 @@ def main(argv=None):
     print(f"device: {name}; torch {torch.__version__}")
 
     t0 = time.perf_counter()
-    world = make_world(WorldConfig(people=args.people, seed=args.seed))
+    world = make_corpus(CorpusConfig(people=args.people, seed=args.seed))
     train = training_qa(world)
     train_texts = [prompt(q) + completion(a) + EOS for q, a in zip(train.question, train.answer)]
     tok = world_tokenizer(world, args.vocab)

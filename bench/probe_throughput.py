@@ -38,9 +38,9 @@ def setup(people: int, size: int, context: int, vocab: int, seed: int = 0):
     from factlab.model import build_model
     from factlab.probe import ProbeConfig, prepare
     from factlab.tokens import world_tokenizer
-    from factlab.world import WorldConfig, make_world
+    from factlab.corpus import CorpusConfig, make_corpus
 
-    world = make_world(WorldConfig(people=people, augment="multi5+permute", seed=seed))
+    world = make_corpus(CorpusConfig(people=people, augment="multi5+permute", seed=seed))
     tok = world_tokenizer(world, vocab)
     model = build_model("gpt2-rope", size, len(tok), context, bos_id=tok.bos_token_id,
                         eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=seed)

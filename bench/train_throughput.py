@@ -44,9 +44,9 @@ def data(people: int, context: int, vocab: int, regime: str = "pretrain"):
     from factlab.text.qa import training_qa
     from factlab.tokens.data import DocStream, QAStream, encode_docs, encode_qa
     from factlab.tokens.tokenizer import world_tokenizer
-    from factlab.world import WorldConfig, make_world
+    from factlab.corpus import CorpusConfig, make_corpus
 
-    world = make_world(WorldConfig(people=people, augment="multi5+permute", unknown=0))
+    world = make_corpus(CorpusConfig(people=people, augment="multi5+permute", unknown=0))
     tok = world_tokenizer(world, vocab)
     if regime == "qa":
         return tok, QAStream(encode_qa(tok, training_qa(world)), context, tok.pad_token_id,

@@ -19,7 +19,7 @@ import numpy as np
 
 from factlab.text.documents import render_bios, render_bios_reference
 from factlab.text.qa import qa_pairs
-from factlab.world import WorldConfig, make_world
+from factlab.corpus import CorpusConfig, make_corpus
 
 
 def best_of(fn, repeats):
@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    world = make_world(WorldConfig(people=args.people, augment=args.augment, unknown=0))
+    world = make_corpus(CorpusConfig(people=args.people, augment=args.augment, unknown=0))
     t_sample = time.perf_counter() - t0
     t, ids, tpl = world.people, np.arange(args.people), world.templates
 

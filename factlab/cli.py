@@ -31,12 +31,12 @@ err = Console(stderr=True)
 
 
 def _world_config(config: Optional[Path], cli: dict, overrides: list[str] | None):
-    from factlab.world.config import WorldConfig
+    from factlab.corpus.config import CorpusConfig
 
     data = load_yaml(config) if config else {}
     data = deep_merge(data, {k: v for k, v in cli.items() if v is not None})
     data = deep_merge(data, parse_overrides(overrides))
-    return build(WorldConfig, data, source=str(config) if config else "world config")
+    return build(CorpusConfig, data, source=str(config) if config else "world config")
 
 
 @world_app.command("make")
@@ -57,15 +57,14 @@ def world_make(
     force: bool = typer.Option(False, "--force", help="replace an existing directory"),
 ) -> None:
     """Sample (or read) a world, render it, and write it to OUT."""
-    from factlab.world.sample import make_world
-    from factlab.world.store import save_world
+    from factlab.corpus import make_corpus, save_world
 
     cfg = _world_config(config, {
         "people": people, "augment": augment, "seed": seed,
         "facts": str(facts) if facts else None, "templates": str(templates) if templates else None,
         "style": style, "unknown": unknown, "minority": minority}, set_)
     with console.status("rendering world"):
-        manifest = save_world(make_world(cfg), out, force=force)
+        manifest = save_world(make_corpus(cfg), out, force=force)
     c = manifest["counts"]
     console.print(f"[green]wrote[/] {out}: {c['people']} people ({c['p_train']} P_train / "
                   f"{c['p_test']} P_test), {c['unknown']} unknown, {c['bios']} bios, "
@@ -77,7 +76,7 @@ def world_show(path: Path = typer.Argument(..., help="world directory"),
                samples: int = typer.Option(2, help="sample bios / QA to print")) -> None:
     """Counts, samples and value distributions of a world."""
     from factlab.io import read_jsonl
-    from factlab.world.store import read_manifest
+    from factlab.corpus.store import read_manifest
 
     m = read_manifest(path)
     cfg = m["config"]
@@ -233,7 +232,7 @@ def probe(
 
     from factlab.model.build import load_model
     from factlab.tokens.tokenizer import load_tokenizer
-    from factlab.world.store import load_world
+    from factlab.corpus import load_world
 
     if threads:
         torch.set_num_threads(threads)

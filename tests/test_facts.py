@@ -7,7 +7,7 @@ import pytest
 
 from factlab.errors import FactlabError
 from factlab.world.facts import read_facts
-from factlab.world.store import load_world, save_world
+from factlab.corpus import load_world, save_world
 
 from conftest import make
 

@@ -16,7 +16,7 @@ from factlab.evaluate import (accuracy_by_attribute, attribute_mean, evaluate_qa
                               first_token_accuracy, generate, metrics_from_predictions)
 from factlab.model import SIZES, build_model, flops_per_token, load_model
 from factlab.text.qa import completion, prompt
-from factlab.world import WorldConfig, make_world
+from factlab.corpus import CorpusConfig, make_corpus
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 
@@ -33,7 +33,7 @@ def train_tokenizer(texts, vocab_size=600):
 
 @pytest.fixture(scope="module")
 def world():
-    return make_world(WorldConfig(people=40, seed=5, unknown=0))
+    return make_corpus(CorpusConfig(people=40, seed=5, unknown=0))
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from factlab.probe import (ProbeConfig, ProbeModel, p_probe_inputs, prepare, pro
 from factlab.tokens import DocStream, encode_docs, world_tokenizer
 from factlab.tokens.data import doc_prefix
 from factlab.train import Loop, TrainConfig
-from factlab.world import WorldConfig, make_world
+from factlab.corpus import CorpusConfig, make_corpus
 from factlab.world.config import PoolSizes
 from factlab.world.pools import MONTHS, load_pools
 
@@ -37,9 +37,9 @@ def permuted():
 def determined(tmp_path_factory):
     """A world where the major is a function of the first name (4 first names, 4 majors)
     and a tiny model BIO-pretrained on it."""
-    cfg = WorldConfig(people=240, seed=0, unknown=4,
-                      pools=PoolSizes(first=4, middle=20, last=20, majors=4))
-    w = make_world(cfg)
+    cfg = CorpusConfig(people=240, seed=0, unknown=4,
+                       pools=PoolSizes(first=4, middle=20, last=20, majors=4))
+    w = make_corpus(cfg)
     first = list(load_pools(cfg.pools).first)
     w.people.codes[:, w.attributes.index("major")] = [first.index(n.split()[0])
                                                       for n in w.people.names]
@@ -229,7 +229,7 @@ def test_name_determined_attribute_is_read_off_and_random_labels_are_not(
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory, determined):
     """A recipe run cell on disk: world, tokenizer, pretrain/model."""
-    from factlab.world.store import save_world
+    from factlab.corpus.store import save_world
 
     w, tok, model = determined
     d = tmp_path_factory.mktemp("run") / "cell"

@@ -58,14 +58,14 @@ def test_packing_schedule():
     from factlab.experiments.recipe import packing_segments
     from factlab.experiments.run import bio_stream
     from factlab.tokens import Schedule, encode_docs, world_tokenizer
-    from factlab.world import WorldConfig, make_world
+    from factlab.corpus import CorpusConfig, make_corpus
 
     r = load_recipe("quickstart", TINY + ["pretrain.steps=10"])
     r.cells[0].packing = {"whole": 0.7, "named": 0.3}
     cell = r.cells[0].model_validate(r.cells[0].model_dump())
     assert packing_segments(cell.packing, 10) == [("whole", 7), ("named", 3)]
     assert packing_segments("named", 10) == [("named", 10)]
-    world = make_world(WorldConfig(people=20, unknown=0))
+    world = make_corpus(CorpusConfig(people=20, unknown=0))
     tok = world_tokenizer(world, 400)
     s = bio_stream(cell, encode_docs(tok, world.bios()), tok)
     assert isinstance(s, Schedule)

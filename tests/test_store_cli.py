@@ -8,7 +8,7 @@ import pytest
 from factlab.errors import FactlabError
 from factlab.io import sha256_file
 from factlab.world.people import MINORITY
-from factlab.world.store import FILES, load_world, save_world
+from factlab.corpus.store import FILES, load_world, save_world
 
 from conftest import cli, make
 
@@ -67,7 +67,7 @@ def test_existing_directory_needs_force(tmp_path):
 
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
-    import factlab.world.store as store
+    import factlab.corpus.store as store
 
     def boom(*a, **k):
         raise RuntimeError("disk full")

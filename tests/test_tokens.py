@@ -10,14 +10,14 @@ from factlab.tokens import (EOS, PAD, DocStream, Mixture, QAStream, Schedule, en
                             encode_qa, first_token_targets, load_tokenizer,
                             qa_first_token_targets, train_tokenizer, world_tokenizer)
 from factlab.tokens import data as tdata
-from factlab.world import WorldConfig, make_world
+from factlab.corpus import CorpusConfig, make_corpus
 
 L = 64  # sequence length used by the stream tests
 
 
 @pytest.fixture(scope="module")
 def world():
-    return make_world(WorldConfig(people=60, seed=0, unknown=5, augment="multi5+permute"))
+    return make_corpus(CorpusConfig(people=60, seed=0, unknown=5, augment="multi5+permute"))
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +147,8 @@ def test_a_name_opening_a_bio_is_the_same_tokens_as_in_a_question(world, tok, en
 
 
 def test_value_tok_on_bior_and_non_ascii_text_both_paths(tok, monkeypatch):
-    w = make_world(WorldConfig(people=30, seed=2, unknown=5, style="bioR", augment="multi2",
-                               they_fraction=0.3))
+    w = make_corpus(CorpusConfig(people=30, seed=2, unknown=5, style="bioR", augment="multi2",
+                                 they_fraction=0.3))
     docs = w.bios()
     pre = "Ünïcödé 北京 — "  # shifts char and byte positions apart
     texts = [pre + t if d % 3 == 0 else t for d, t in enumerate(docs.text)]

@@ -13,7 +13,7 @@ from factlab.config import Strict, build, deep_merge, load_yaml, parse_overrides
 from factlab.errors import FactlabError
 from factlab.probe.config import ProbeStep
 from factlab.train.config import TrainConfig
-from factlab.world.config import WorldConfig
+from factlab.corpus.config import CorpusConfig
 
 
 class TokenizerConfig(Strict):
@@ -62,7 +62,7 @@ class CellConfig(Strict):
     # A mapping is a curriculum over pretraining steps, in order: {whole: 0.8, named: 0.2}
     # packs whole for the first 80% of the steps, then named (tokens.data.Schedule)
     packing: str | dict[str, float] = "concat"
-    world: WorldConfig = WorldConfig()
+    world: CorpusConfig = CorpusConfig()  # the world and how it is rendered
     tokenizer: TokenizerConfig = TokenizerConfig()
     model: ModelConfig = ModelConfig()
     pretrain: TrainConfig = TrainConfig()

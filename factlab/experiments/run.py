@@ -36,13 +36,12 @@ def _log(msg: str) -> None:
 
 
 def prepare_world(cell: CellConfig, cell_dir: Path):
-    from factlab.world.sample import make_world
-    from factlab.world.store import load_world, save_world
+    from factlab.corpus import load_world, make_corpus, save_world
 
     wdir = cell_dir / "world"
     if (wdir / "manifest.json").is_file():
         return load_world(wdir)
-    world = make_world(cell.world)
+    world = make_corpus(cell.world)
     save_world(world, wdir)
     return world
 

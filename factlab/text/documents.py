@@ -312,27 +312,6 @@ def _assemble(table, ids, E, spec, comp, static, static_len, pool_off, tmpl, ord
     return Docs(Texts(blob, doc_char0, doc_end), person, entry, spans[:, :A], table.attributes)
 
 
-def render_world(world) -> Docs:
-    """All bios of a world: each group with its augmentation (celebrity worlds have two)."""
-    from factlab.world.people import CELEBRITY, MINORITY
-    from factlab.world.sample import STREAM_RENDER, rng
-
-    g = rng(world.config.seed, STREAM_RENDER)
-    parts = []
-    for grp, aug in ((CELEBRITY, world.config.augment), (MINORITY, world.config.minority_augment)):
-        ids = np.flatnonzero(world.group == grp)
-        if len(ids) == 0:
-            continue
-        if world.config.style == "bioR":
-            from factlab.text.bior import render_bior
-
-            parts.append(render_bior(world.people, ids, world.templates, aug, g, world.config.bior))
-        else:
-            parts.append(render_bios(world.people, ids, world.templates, aug, g))
-    docs = Docs.concat(parts)
-    return docs
-
-
 def render_bios_reference(table, ids, templates: TemplateSet, augment: str | Augment,
                           g: np.random.Generator) -> Docs:
     """The plain way: one person, one sentence at a time, in Python.

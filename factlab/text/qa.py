@@ -130,8 +130,10 @@ def check_no_leak(world, people) -> None:
             f"evaluation only")
 
 
-def training_qa(world, people=None) -> QA:
-    """The only way to get QA for training: canonical questions of P_train people."""
+def training_qa(world, people=None, *, at: int = 0) -> QA:
+    """The only way to get QA for training: canonical questions of P_train people (default:
+    the base world's), answered with their values after experience ``at``. ``world`` is a
+    :class:`~factlab.corpus.Corpus` (a world with its templates)."""
     ids = world.train_ids if people is None else np.asarray(people)
     check_no_leak(world, ids)
-    return qa_pairs(world.people, ids, world.templates, paraphrase=False)
+    return qa_pairs(world.table_at(at), ids, world.templates, paraphrase=False)

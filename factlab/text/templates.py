@@ -24,6 +24,7 @@ from importlib import resources
 import yaml
 
 from factlab.errors import FactlabError
+from factlab.world.people import ATTRIBUTES, PRONOUNS
 
 TOKEN = re.compile(r"\{(\w*)\}|\[([^\[\]|{}]*)\|([^\[\]|{}]*)\]")
 SENTENCE_PLACEHOLDERS = {"subj", "poss", "obj", "refl", "value", "name"}
@@ -31,7 +32,7 @@ SENTENCE_PLACEHOLDERS = {"subj", "poss", "obj", "refl", "value", "name"}
 # slots of a compiled template (0 is "nothing", used for padding)
 NONE, NAME, NAME_POSS, VALUE = 0, 1, 2, 3
 
-PRONOUNS = ("he", "she", "they")  # pronoun codes 0, 1, 2; -1 means "no pronoun"
+# PRONOUNS (codes 0, 1, 2; -1 means "no pronoun") are world data; their forms are text.
 FORMS = {  # subj, poss, obj, refl, plural
     "he": ("he", "his", "him", "himself", False),
     "she": ("she", "her", "her", "herself", False),
@@ -209,8 +210,6 @@ def _data(name: str) -> dict:
 @lru_cache(maxsize=1)
 def bios_templates() -> TemplateSet:
     """The shipped bioS templates (about 50 per attribute) and the six questions."""
-    from factlab.world.people import ATTRIBUTES
-
     sents, qs = _data("bio_templates.yaml"), _data("questions.yaml")
     data = {a: {"sentences": sents[a], "question": qs["canonical"][a],
                 "paraphrases": qs["paraphrase"][a]} for a in ATTRIBUTES}

@@ -1,12 +1,18 @@
-"""Worlds: people (or any entities) and their facts, pools, splits — pure data, no torch.
+"""Worlds: people (or any entities) and their facts, pools, splits, cohorts and versioned
+values — pure data: no torch, and nothing from :mod:`factlab.text`.
 
-A :class:`~factlab.world.people.World` is what every later stage reads: the people table,
-the P_train / P_test split, the unknown people kept out of every document (hallucination
-probes), the templates it renders with, and the config that made it.
+A :class:`~factlab.world.people.World` holds the people table (values as codes into
+pools), the P_train / P_test split, the unknown people kept out of every document
+(hallucination probes), the people who arrive in later experiences (cohorts) and the
+values that change from an experience on (updates). How it is written out as text is
+:mod:`factlab.text`'s business; :mod:`factlab.corpus` joins the two.
 """
 
-from factlab.world.config import WorldConfig
-from factlab.world.people import ATTRIBUTES, Table, World
+from factlab.world.cohorts import add_cohort
+from factlab.world.config import PoolSizes, WorldConfig
+from factlab.world.people import ATTRIBUTES, PRONOUNS, Table, World
 from factlab.world.sample import make_world
+from factlab.world.versions import Updates, update_facts
 
-__all__ = ["ATTRIBUTES", "Table", "World", "WorldConfig", "make_world"]
+__all__ = ["ATTRIBUTES", "PRONOUNS", "PoolSizes", "Table", "Updates", "World", "WorldConfig",
+           "add_cohort", "make_world", "update_facts"]

@@ -1,4 +1,4 @@
-"""People tables and the World object every later stage reads."""
+"""People tables and the World object every later stage reads: pure data, no text."""
 
 from __future__ import annotations
 
@@ -6,11 +6,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from factlab.text.templates import PRONOUNS, TemplateSet
 from factlab.world.config import WorldConfig
+from factlab.world.pools import NamePools
+from factlab.world.versions import Updates
 
 # The six bioS attributes in canonical order (employer before company city).
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "company_city")
+
+# Pronoun codes 0, 1, 2 of Table.pronoun; -1 means "always refer to the entity by name".
+# Data (who is "she"), not text: the renderer owns every other form of them.
+PRONOUNS = ("he", "she", "they")
 
 TRAIN, TEST = 0, 1  # values of World.split
 CELEBRITY, MINORITY = 0, 1  # values of World.group (celebrity worlds)
@@ -20,7 +25,7 @@ CELEBRITY, MINORITY = 0, 1  # values of World.group (celebrity worlds)
 class Table:
     """Columnar facts. Entity ``i`` has value ``pools[a][codes[i, a]]`` for attribute ``a``
     (code -1: the entity has no value for it). ``pronoun`` holds codes into
-    :data:`~factlab.text.templates.PRONOUNS` (-1: always refer to the entity by name)."""
+    :data:`PRONOUNS` (-1: always refer to the entity by name)."""
 
     names: list[str]
     pronoun: np.ndarray  # (n,) int8
@@ -46,6 +51,10 @@ class Table:
         return Table([self.names[i] for i in idx.tolist()], self.pronoun[idx], self.attributes,
                      self.codes[idx], self.pools)
 
+    def with_codes(self, codes: np.ndarray) -> Table:
+        """The same entities with other codes (e.g. their values at a later experience)."""
+        return Table(self.names, self.pronoun, self.attributes, codes, self.pools)
+
     def record(self, i: int) -> dict:
         p = int(self.pronoun[i])
         rec = {"name": self.names[i], "pronoun": PRONOUNS[p] if p >= 0 else None}
@@ -54,13 +63,30 @@ class Table:
         return rec
 
 
+@dataclass(frozen=True)
+class Derived:
+    """Attribute ``attribute`` is a function of attribute ``source``: its code is
+    ``codes[source_code]`` (bioS: the company city is the employer's HQ). It is never
+    sampled or updated on its own; it follows its source."""
+
+    attribute: int
+    source: int
+    codes: np.ndarray  # (len(pools[source]),) int32
+
+
 @dataclass
 class World:
-    """People, their split, the unknown people, templates and the config that made them.
+    """People, their split and groups, the unknown people, and how their facts change.
 
     ``split[i]`` is TRAIN (P_train: QAs trained on) or TEST (P_test: bios seen, QAs never);
     ``group[i]`` is CELEBRITY or MINORITY in a celebrity world (all CELEBRITY otherwise).
-    ``unknown`` people come from the same pools but are never rendered into any document.
+    ``unknown`` people come from the same pools (same codes) but are never rendered.
+
+    Experiences: the base world is experience 0. ``arrival[i]`` is the experience person
+    ``i`` arrives in (cohorts, :func:`~factlab.world.cohorts.add_cohort`; their ids follow
+    the base people's, which never move), and ``updates`` the values that change from an
+    experience on (:func:`~factlab.world.versions.update_facts`). ``people.codes`` are the
+    values people arrive with; :meth:`codes_at` applies the updates.
     """
 
     config: WorldConfig
@@ -68,50 +94,77 @@ class World:
     split: np.ndarray
     group: np.ndarray
     unknown: Table
-    templates: TemplateSet
+    names: NamePools  # where new names are drawn from (cohorts)
     source: str = "bioS"  # "bioS" (sampled from pools) or "facts" (a user's fact file)
     facts_sha256: str | None = None
-    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+    derived: tuple[Derived, ...] = ()
+    arrival: np.ndarray = None  # (n,) int16; None: everyone arrives at 0
+    updates: Updates = field(default_factory=Updates.empty)
+
+    def __post_init__(self):
+        if self.arrival is None:
+            self.arrival = np.zeros(len(self.people), dtype=np.int16)
 
     @property
     def attributes(self) -> tuple[str, ...]:
         return self.people.attributes
 
     @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    @property
+    def base_ids(self) -> np.ndarray:
+        return np.flatnonzero(self.arrival == 0)
+
+    @property
     def train_ids(self) -> np.ndarray:
-        return np.flatnonzero(self.split == TRAIN)
+        """P_train of the base world (cohorts: :meth:`ids`)."""
+        return np.flatnonzero((self.split == TRAIN) & (self.arrival == 0))
 
     @property
     def test_ids(self) -> np.ndarray:
-        return np.flatnonzero(self.split == TEST)
+        """P_test of the base world (cohorts: :meth:`ids`)."""
+        return np.flatnonzero((self.split == TEST) & (self.arrival == 0))
 
-    def augment_of(self, i: int) -> str:
-        return self.config.minority_augment if self.group[i] == MINORITY else self.config.augment
+    def ids(self, arrival: int | None = None, split: int | None = None) -> np.ndarray:
+        """People who arrive in experience ``arrival`` (any: None) in ``split`` (any: None)."""
+        keep = np.ones(len(self.people), dtype=bool)
+        if arrival is not None:
+            keep &= self.arrival == arrival
+        if split is not None:
+            keep &= self.split == split
+        return np.flatnonzero(keep)
 
-    def bios(self):
-        """Render every person's bio documents (cached)."""
-        if "bios" not in self._cache:
-            from factlab.text.documents import render_world
+    @property
+    def experiences(self) -> list[int]:
+        """Every experience after the base that adds people or changes a value."""
+        return sorted(set(self.arrival[self.arrival > 0].tolist())
+                      | set(self.updates.experience.tolist()))
 
-            self._cache["bios"] = render_world(self)
-        return self._cache["bios"]
+    @property
+    def last_experience(self) -> int:
+        return max(self.experiences, default=0)
 
-    def qa(self, people=None, *, paraphrase: bool = False, all_paraphrases: bool = False):
-        """QA pairs for ``people`` (default: everyone): the canonical question, or held-out
-        paraphrases — one seeded draw per (person, attribute), or all of them."""
-        from factlab.text.qa import qa_pairs
-        from factlab.world.sample import STREAM_PARAPHRASE, rng
+    def codes_at(self, t: int) -> np.ndarray:
+        """(n, A) codes after experience ``t``: updates of experiences 1..t applied. Rows of
+        people who arrive after ``t`` hold the values they will arrive with."""
+        codes = self.people.codes.copy()
+        u = self.updates
+        for e in sorted(set(u.experience[u.experience <= t].tolist())):
+            on = u.experience == e  # one row per (person, attribute) within an experience
+            codes[u.person[on], u.attribute[on]] = u.code[on]
+        return codes
 
-        ids = np.arange(len(self.people)) if people is None else np.asarray(people)
-        if paraphrase and not all_paraphrases:
-            # drawn for everyone, then subset: a person's phrasing never depends on `people`
-            draws = qa_pairs(self.people, np.arange(len(self.people)), self.templates,
-                             paraphrase=True, g=rng(self.config.seed, STREAM_PARAPHRASE))
-            if people is None:
-                return draws
-            keep = np.isin(draws.person, ids)
-            idx = np.flatnonzero(keep).tolist()
-            return type(draws)(draws.person[keep], draws.attribute[keep], draws.template[keep],
-                               [draws.question[i] for i in idx], [draws.answer[i] for i in idx],
-                               draws.attributes, True)
-        return qa_pairs(self.people, ids, self.templates, paraphrase=paraphrase)
+    def table_at(self, t: int) -> Table:
+        return self.people if t <= 0 or not len(self.updates) else \
+            self.people.with_codes(self.codes_at(t))
+
+    def value(self, i: int, a: int | str, *, at: int = 0) -> str | None:
+        a = self.attributes.index(a) if isinstance(a, str) else a
+        c = int(self.people.codes[i, a])
+        u = self.updates
+        hit = np.flatnonzero((u.person == i) & (u.attribute == a) & (u.experience <= at))
+        if len(hit):
+            c = int(u.code[hit[-1]])
+        return None if c < 0 else self.people.pools[a][c]

@@ -23,6 +23,31 @@ def _lines(name: str) -> list[str]:
 
 
 @dataclass(frozen=True)
+class NamePools:
+    """Where full names come from: ``first[a] middle[b] last[c]`` for a name key
+    ``(a * len(middle) + b) * len(last) + c``. A world keeps these so that people added
+    later (cohorts) are drawn from the same names, also after the world is loaded."""
+
+    first: tuple[str, ...]
+    first_gender: tuple[str, ...]  # "m" / "f", aligned with ``first``
+    middle: tuple[str, ...]
+    last: tuple[str, ...]
+
+    @property
+    def capacity(self) -> int:
+        return len(self.first) * len(self.middle) * len(self.last)
+
+    def split_keys(self, keys):
+        Mi, L = len(self.middle), len(self.last)
+        return keys // (Mi * L), (keys // L) % Mi, keys % L
+
+    def names(self, keys) -> list[str]:
+        f, m, la = self.split_keys(keys)
+        return [f"{self.first[a]} {self.middle[b]} {self.last[c]}"
+                for a, b, c in zip(f.tolist(), m.tolist(), la.tolist())]
+
+
+@dataclass(frozen=True)
 class Pools:
     first: tuple[str, ...]
     first_gender: tuple[str, ...]  # "m" / "f", aligned with ``first``
@@ -34,6 +59,10 @@ class Pools:
     companies: tuple[str, ...]
     company_city: tuple[str, ...]  # HQ city of each company, aligned with ``companies``
     years: tuple[int, int]  # inclusive
+
+    @property
+    def names(self) -> NamePools:
+        return NamePools(self.first, self.first_gender, self.middle, self.last)
 
     @property
     def n_dates(self) -> int:

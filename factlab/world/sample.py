@@ -1,8 +1,9 @@
 """Making worlds: sampling bioS people from the pools, celebrity worlds, user fact files.
 
-Randomness comes from independent streams of one seed (people, split, unknown people,
-rendering), so e.g. changing the augmentation never changes who the people are — the
-single vs multi5+permute comparison is on the very same people.
+Randomness comes from independent streams of one seed (people, split, unknown people;
+rendering and paraphrases are drawn by :mod:`factlab.text` from streams of the same seed),
+so e.g. changing the augmentation never changes who the people are — the single vs
+multi5+permute comparison is on the very same people.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 
-from factlab.config import load_yaml
 from factlab.errors import FactlabError
 from factlab.io import sha256_file
-from factlab.text.templates import TemplateSet, bios_templates
 from factlab.world.config import WorldConfig
 from factlab.world.facts import facts_table, read_facts
-from factlab.world.people import ATTRIBUTES, CELEBRITY, MINORITY, TEST, TRAIN, Table, World
+from factlab.world.people import (ATTRIBUTES, CELEBRITY, MINORITY, TEST, TRAIN, Derived, Table,
+                                  World)
 from factlab.world.pools import Pools, load_pools
 
+# Streams of one seed. 4 and 5 are the text layer's (bios, held-out paraphrases); 6 and 7
+# are cohorts' and updates' (factlab.world.cohorts / versions).
 STREAM_PEOPLE, STREAM_SPLIT, STREAM_UNKNOWN, STREAM_RENDER, STREAM_PARAPHRASE = 1, 2, 3, 4, 5
 
 
@@ -84,28 +86,10 @@ def sample_table(pools: Pools, n: int, g: np.random.Generator, they_fraction: fl
     return Table(names, pronoun, ATTRIBUTES, codes, value_pools)
 
 
-def load_templates(cfg: WorldConfig, attributes, base: TemplateSet | None) -> TemplateSet:
-    """Shipped (bioS) or generic templates, with a user's template file laid over them."""
-    data = base.to_dict() if base is not None else {}
-    if cfg.templates:
-        user = load_yaml(cfg.templates)
-        for a, entry in user.items():
-            if isinstance(entry, dict) and isinstance(data.get(a), dict):
-                data[a] = {**data[a], **entry}
-            else:
-                data[a] = entry
-    return TemplateSet.from_dict(data, cfg.templates or "templates", attributes)
-
-
 def make_world(cfg: WorldConfig) -> World:
     """Build a world from its config (sampled bioS people, celebrity world or user facts)."""
-    from factlab.text.augment import parse_augment
-
     if cfg.facts:
         return _facts_world(cfg)
-    parse_augment(cfg.augment)  # fail early on a bad name
-    if cfg.minority:
-        parse_augment(cfg.minority_augment)
     pools = load_pools(cfg.pools)
     total = cfg.people + cfg.minority
     everyone = sample_table(pools, total + cfg.unknown, rng(cfg.seed, STREAM_PEOPLE),
@@ -118,8 +102,10 @@ def make_world(cfg: WorldConfig) -> World:
         split = np.where(group == MINORITY, TEST, TRAIN).astype(np.int8)
     else:
         split = half_split(total, cfg.test_fraction, rng(cfg.seed, STREAM_SPLIT))
-    templates = load_templates(cfg, ATTRIBUTES, bios_templates())
-    return World(cfg, people, split, group, unknown, templates, source="bioS")
+    _, hq = company_cities(pools)
+    derived = (Derived(ATTRIBUTES.index("company_city"), ATTRIBUTES.index("employer"), hq),)
+    return World(cfg, people, split, group, unknown, pools.names, source="bioS",
+                 derived=derived)
 
 
 def half_split(n: int, test_fraction: float, g: np.random.Generator) -> np.ndarray:
@@ -133,12 +119,6 @@ def half_split(n: int, test_fraction: float, g: np.random.Generator) -> np.ndarr
 
 
 def _facts_world(cfg: WorldConfig) -> World:
-    from factlab.text.augment import parse_augment
-
-    spec = parse_augment(cfg.augment)
-    if spec.reverse or spec.order == "couple":
-        raise FactlabError(f"augment={cfg.augment!r}: reverse and couple need the six bioS "
-                           f"attributes and pronouns; not available for fact files")
     if cfg.minority:
         raise FactlabError("minority: celebrity worlds are sampled, not read from a fact file")
     entities, attributes, facts = read_facts(cfg.facts)
@@ -155,7 +135,6 @@ def _facts_world(cfg: WorldConfig) -> World:
     codes = np.stack([g.integers(0, max(len(p), 1), len(names)) for p in people.pools],
                      axis=1).astype(np.int32) if names else np.zeros((0, len(attributes)), np.int32)
     unknown = Table(names, np.full(len(names), -1, np.int8), people.attributes, codes, people.pools)
-    templates = load_templates(cfg, attributes, None)
     group = np.full(len(people), CELEBRITY, dtype=np.int8)
-    return World(cfg, people, split, group, unknown, templates, source="facts",
+    return World(cfg, people, split, group, unknown, pools.names, source="facts",
                  facts_sha256=sha256_file(Path(cfg.facts)))

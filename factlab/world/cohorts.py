@@ -1,0 +1,94 @@
+"""Cohorts: new people who arrive in a later experience of an existing world.
+
+A cohort is drawn from the world's own pools (the same value codes, the same name pools,
+derived attributes following their source), with full names that no person, earlier
+cohort member or unknown person has. Its people are appended after everyone else, so no
+existing id, code or split moves; each gets its own P_train / P_test split, so both "learned
+from the text" (P_test) and "learned from its QA" (P_train) can be measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from factlab.errors import FactlabError
+from factlab.world.people import CELEBRITY, Table
+from factlab.world.versions import check_experience
+
+STREAM_COHORT = 6  # of factlab.world.sample.rng's streams
+
+
+def fresh_name_keys(world, n: int, g: np.random.Generator) -> np.ndarray:
+    """``n`` distinct name keys whose names nobody in the world (people, unknown) has."""
+    from factlab.world.sample import unique_name_keys
+
+    names = world.names
+    taken = set(world.people.names) | set(world.unknown.names)
+    cap = names.capacity
+    if n > cap - len(taken):
+        raise FactlabError(f"cannot give {n} new people unique full names: the name pools allow "
+                           f"{cap} and {len(taken)} are taken; make the world with larger "
+                           f"pools.first/middle/last")
+    out: list[int] = []
+    seen: set[int] = set()
+    while len(out) < n:
+        want = n - len(out)
+        keys = unique_name_keys(cap, min(cap, 2 * want + 8), g)
+        for k, nm in zip(keys.tolist(), names.names(keys)):
+            if k not in seen and nm not in taken:
+                seen.add(k)
+                out.append(k)
+                if len(out) == n:
+                    break
+    return np.array(out, dtype=np.int64)
+
+
+def sample_cohort_table(world, n: int, g: np.random.Generator) -> Table:
+    """``n`` new people: fresh names, pronouns as the world's, values uniform per pool."""
+    keys = fresh_name_keys(world, n, g)
+    nm = world.names
+    names = nm.names(keys)
+    if world.source == "facts":  # fact-file entities are referred to by name
+        pronoun = np.full(n, -1, dtype=np.int8)
+    else:
+        gender = np.array([0 if x == "m" else 1 for x in nm.first_gender], dtype=np.int8)
+        pronoun = gender[nm.split_keys(keys)[0]]
+        if world.config.they_fraction > 0:
+            pronoun = np.where(g.random(n) < world.config.they_fraction, 2, pronoun).astype(np.int8)
+    pools = world.people.pools
+    A = len(pools)
+    codes = np.full((n, A), -1, dtype=np.int32)
+    derived = {d.attribute: d for d in world.derived}
+    for a in range(A):
+        if a not in derived:
+            codes[:, a] = g.integers(0, len(pools[a]), n)
+    for a, d in derived.items():
+        codes[:, a] = d.codes[codes[:, d.source]]
+    return Table(names, pronoun, world.attributes, codes, pools)
+
+
+def add_cohort(world, n: int, experience: int, seed: int, *,
+               test_fraction: float | None = None):
+    """A new world with ``n`` new people arriving in ``experience`` (seeded by ``seed`` and
+    the experience). ``world`` is not changed; no existing person, code or split moves."""
+    from factlab.world.sample import half_split
+
+    check_experience(world, experience, "add_cohort")
+    if (world.arrival == experience).any():
+        raise FactlabError(f"add_cohort: experience {experience} already has a cohort")
+    if n < 2:
+        raise FactlabError(f"add_cohort: a cohort needs at least 2 people (P_train and "
+                           f"P_test), got {n}")
+    g = np.random.default_rng([seed, STREAM_COHORT, experience])
+    new = sample_cohort_table(world, n, g)
+    frac = world.config.test_fraction if test_fraction is None else test_fraction
+    split = half_split(n, frac, np.random.default_rng([seed, STREAM_COHORT, experience, 1]))
+    p = world.people
+    people = Table(p.names + new.names, np.concatenate([p.pronoun, new.pronoun]), p.attributes,
+                   np.concatenate([p.codes, new.codes]), p.pools)
+    return dataclasses.replace(
+        world, people=people, split=np.concatenate([world.split, split]),
+        group=np.concatenate([world.group, np.full(n, CELEBRITY, dtype=np.int8)]),
+        arrival=np.concatenate([world.arrival, np.full(n, experience, dtype=np.int16)]))
