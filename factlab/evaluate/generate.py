@@ -114,3 +114,14 @@ def evaluate_qa(model, tokenizer, qa, *, batch_size: int = 64, num_beams: int = 
                                           qa.answer, preds, correct.tolist())
     ]
     return metrics, records
+
+
+def qa_evaluator(tokenizer, qa, *, batch_size: int = 64, num_beams: int = 1):
+    """An evaluation set for ``factlab.train.experiences.Driver``: ``fn(model) ->
+    (exact match, records)`` over the questions of ``qa``."""
+    def evaluate(model):
+        metrics, records = evaluate_qa(model, tokenizer, qa, batch_size=batch_size,
+                                       num_beams=num_beams)
+        return metrics["exact_match"], records
+
+    return evaluate

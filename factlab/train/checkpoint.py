@@ -39,12 +39,22 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _frozen_params(model):
+    """Named frozen parameters, including a backbone held by reference
+    (``factlab.model.wrapper.FrozenBackbone``: not a registered submodule)."""
+    yield from model.named_parameters(remove_duplicate=False)
+    backbone = model.__dict__.get("backbone")
+    if isinstance(backbone, torch.nn.Module):
+        for name, p in backbone.named_parameters(remove_duplicate=False):
+            yield f"backbone.{name}", p
+
+
 def frozen_fingerprint(model) -> dict:
     """``{"tensors", "elements", "sha256", "path"}`` of the frozen parameters."""
     h = hashlib.sha256()
     n = k = 0
     seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in _frozen_params(model):
         if p.requires_grad or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())

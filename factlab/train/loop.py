@@ -92,12 +92,12 @@ class Loop:
                  plugins: Sequence[Plugin] = (), evaluate: Callable | None = None,
                  tokenizer=None, accelerator=None, progress: bool = True,
                  flops_per_token: float | None = None, name: str = "train",
-                 export: bool = True):
+                 export: bool = True, keep_checkpoint: bool = True):
         self.model, self.stream, self.cfg, self.out = model, stream, cfg, Path(out)
         self.plugins, self.evaluate, self.tokenizer = list(plugins), evaluate, tokenizer
         self.accelerator, self.progress, self.name = accelerator, progress, name
         self.flops_per_token = flops_per_token
-        self.export = export
+        self.export, self.keep_checkpoint = export, keep_checkpoint
         self.step = 0
         self.history: list[dict] = []
         self.stopped = False
@@ -337,10 +337,15 @@ class Loop:
                 if due and not last:
                     self._save_checkpoint(model, opts, scheds)
             finished_now = self.step > start
-            if finished_now or not (self.out / "checkpoint" / "trainer.pt").is_file():
+            if self.keep_checkpoint and (finished_now or not
+                                         (self.out / "checkpoint" / "trainer.pt").is_file()):
                 self._save_checkpoint(model, opts, scheds)
             if self.export and (finished_now or not (self.out / "model").exists()):
                 self._export(model)
+            if not self.keep_checkpoint and acc.is_main_process:
+                # the experience driver keeps the state it needs; a killed loop still
+                # resumed from its timed checkpoints until here
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)
         finally:
             if bar is not None:
                 bar[0].stop()
@@ -382,25 +387,10 @@ class Loop:
         return {f"eval/{k}": v for k, v in res.items()}
 
     def _export(self, model) -> None:
-        """Save the result with its ``save_pretrained`` (a plain HF directory, a peft
-        adapter or a factlab wrapper directory; ``factlab.model.load.load_any`` opens each).
-        A plugin's ``export`` returns what to save instead, without changing the model
-        being trained (no copy of it is made either)."""
-        acc = self.accelerator
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        m = acc.unwrap_model(model)
-        for p in self.plugins:
-            m = p.export(self, m)
-        tmp = self.out / ".model.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        m.save_pretrained(tmp, safe_serialization=True)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(tmp)
-        final = self.out / "model"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            export_model(self.accelerator.unwrap_model(model), self.out / "model",
+                         plugins=self.plugins, loop=self, tokenizer=self.tokenizer)
 
     def _bar(self, start: int):
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
@@ -457,6 +447,24 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def export_model(model, dest: str | Path, *, plugins=(), loop=None, tokenizer=None) -> None:
+    """Save ``model`` with its ``save_pretrained`` into ``dest`` (atomically: a temp dir,
+    then a rename): a plain HF directory, a peft adapter or a factlab wrapper directory
+    (``factlab.model.load.load_any`` opens each). A plugin's ``export`` returns what to
+    save instead, without changing the model being trained (no copy of it is made)."""
+    dest = Path(dest)
+    m = model
+    for p in plugins:
+        m = p.export(loop, m)
+    tmp = dest.parent / f".{dest.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
 
 
 def load_history(out: str | Path) -> list[dict]:
