@@ -87,6 +87,9 @@ def world_show(path: Path = typer.Argument(..., help="world directory"),
     t.add_row("seed", str(m["seed"]))
     for k, v in m["counts"].items():
         t.add_row(k, str(v))
+    for e in m.get("experiences", []):
+        t.add_row(f"experience {e['experience']}",
+                  ", ".join(f"{k} {v}" for k, v in e.items() if k != "experience"))
     console.print(t)
     bios = read_jsonl(path / "bios.jsonl")
     console.print("[bold]sample bios[/]")

@@ -242,3 +242,18 @@ def test_format_1_directory_is_refused_with_what_to_do(tmp_path):
     mf.write_text(json.dumps(m))
     with pytest.raises(FactlabError, match="upgrade factlab"):
         load_world(tmp_path / "old")
+
+
+def test_cli_makes_the_same_world_and_shows_experiences(tmp_path, capsys):
+    from conftest import cli
+
+    assert cli("world", "make", tmp_path / "w", "--people", 30, "--augment", "multi2",
+               "--seed", 3, "--unknown", 8, "--set", "pools.companies=60") == 0
+    c = corpus(people=30, augment="multi2")
+    save_world(c, tmp_path / "py")
+    for f in FILES:
+        assert (tmp_path / "w" / f).read_bytes() == (tmp_path / "py" / f).read_bytes(), f
+    save_experiences(c.add_cohort(4, 1, seed=0), tmp_path / "w")
+    capsys.readouterr()
+    assert cli("world", "show", tmp_path / "w") == 0
+    assert "experience 1" in capsys.readouterr().out
