@@ -42,7 +42,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def data(people: int, context: int, vocab: int, regime: str = "pretrain"):
     from factlab.text.qa import training_qa
-    from factlab.tokens.data import DocStream, QAStream, encode_docs, encode_qa
+    from factlab.tokens.encode import encode_docs, encode_qa
+    from factlab.tokens.streams import DocStream, QAStream
     from factlab.tokens.tokenizer import world_tokenizer
     from factlab.corpus import CorpusConfig, make_corpus
 

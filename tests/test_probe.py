@@ -15,7 +15,7 @@ from factlab.model.build import build_model
 from factlab.probe import (ProbeConfig, ProbeModel, p_probe_inputs, prepare, probe_tasks,
                            q_probe_inputs, run_probe)
 from factlab.tokens import DocStream, encode_docs, world_tokenizer
-from factlab.tokens.data import doc_prefix
+from factlab.tokens.encode import doc_prefix
 from factlab.train import Loop, TrainConfig
 from factlab.corpus import CorpusConfig, make_corpus
 from factlab.world.config import PoolSizes

@@ -9,7 +9,7 @@ from factlab.text.qa import completion, prompt, training_qa
 from factlab.tokens import (EOS, PAD, DocStream, Mixture, QAStream, Schedule, encode_docs,
                             encode_qa, first_token_targets, load_tokenizer,
                             qa_first_token_targets, train_tokenizer, world_tokenizer)
-from factlab.tokens import data as tdata
+from factlab.tokens import encode as tdata
 from factlab.corpus import CorpusConfig, make_corpus
 
 L = 64  # sequence length used by the stream tests

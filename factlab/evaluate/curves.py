@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from factlab.evaluate.metrics import first_token_accuracy
-from factlab.tokens.data import encode_qa, first_token_targets, qa_first_token_targets
+from factlab.tokens.encode import encode_qa
+from factlab.tokens.first_token import first_token_targets, qa_first_token_targets
 
 
 def accuracy_of(model, ft, batch_size: int = 64) -> np.ndarray:

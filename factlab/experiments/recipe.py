@@ -60,7 +60,7 @@ class CellConfig(Strict):
     # (never split a bio; pad the rest of a sequence) or named (concat, with the leading
     # fragment of a split bio kept in context but out of the loss) -- see DocStream.
     # A mapping is a curriculum over pretraining steps, in order: {whole: 0.8, named: 0.2}
-    # packs whole for the first 80% of the steps, then named (tokens.data.Schedule)
+    # packs whole for the first 80% of the steps, then named (tokens.mixing.Schedule)
     packing: str | dict[str, float] = "concat"
     world: CorpusConfig = CorpusConfig()  # the world and how it is rendered
     tokenizer: TokenizerConfig = TokenizerConfig()

@@ -79,7 +79,8 @@ def eval_people(world, cell: CellConfig):
 
 def bio_stream(cell: CellConfig, enc_docs, tok):
     """The pretraining stream of bios: one packing, or a Schedule of packings."""
-    from factlab.tokens.data import DocStream, Schedule
+    from factlab.tokens.mixing import Schedule
+    from factlab.tokens.streams import DocStream
 
     def stream(packing: str, i: int):
         return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
@@ -101,7 +102,9 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     from factlab.evaluate.curves import Curves
     from factlab.model.build import flops_per_token
     from factlab.text.qa import training_qa
-    from factlab.tokens.data import Mixture, QAStream, encode_docs, encode_qa
+    from factlab.tokens.encode import encode_docs, encode_qa
+    from factlab.tokens.mixing import Mixture
+    from factlab.tokens.streams import QAStream
     from factlab.train import LoRA, Loop
 
     from accelerate import PartialState

@@ -3,7 +3,7 @@ tokenizer (numpy only, no torch).
 
 P-probing (paper §5): the input is ``<bos>`` + one bio of the person (entry ``entry``),
 truncated to the model's context. The bio's character spans (recorded by the renderer)
-give the first token of each attribute value (:func:`~factlab.tokens.data.encode_docs`);
+give the first token of each attribute value (:func:`~factlab.tokens.encode.encode_docs`);
 the read positions ``p1 < p2 < ... < p6`` are the tokens just before those first tokens,
 in order of appearance. Q-probing: the input is ``<bos> full name <eos>`` and the one read
 position is the final ``<eos>``.
@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from factlab.errors import FactlabError
-from factlab.tokens.data import IGNORE, encode_docs
+from factlab.tokens.encode import encode_docs
+from factlab.tokens.streams import IGNORE
 from factlab.world.pools import MONTHS
 
 

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from factlab.errors import FactlabError
-from factlab.tokens.data import IGNORE
+from factlab.tokens.streams import IGNORE
 
 VARIANTS = {"shared": lambda T, P: 1, "per_task": lambda T, P: T, "per_probe": lambda T, P: T * P}
 

@@ -66,7 +66,7 @@ def world_texts(world) -> Iterator[str]:
     and the held-out paraphrase questions, so every question word is in the vocabulary."""
     from factlab.text.qa import completion, prompt, training_qa
 
-    # bios with the space encode_docs puts before them (see tokens.data.doc_prefix)
+    # bios with the space encode_docs puts before them (see tokens.encode.doc_prefix)
     yield from (" " + t for t in world.bios().text)
     train = training_qa(world)
     for q, a in zip(train.question, train.answer):
