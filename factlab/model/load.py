@@ -21,7 +21,7 @@ from pathlib import Path
 
 from factlab.errors import FactlabError
 from factlab.model.build import load_model
-from factlab.model.wrapper import MARKER, WEIGHTS
+from factlab.model.wrapper import MARKER, REGISTRY, WEIGHTS
 
 
 def model_kind(path) -> str:
@@ -77,22 +77,27 @@ def _load_wrapper(p: Path, backbone, **kwargs):
         module, _, qual = marker["class"].partition(":")
     except (json.JSONDecodeError, KeyError, AttributeError) as e:
         raise FactlabError(f"{p / MARKER}: not a valid factlab wrapper marker ({e})") from None
-    if not module.startswith("factlab.") and module != "factlab":
-        # never import arbitrary code named by a file on disk
-        raise FactlabError(f"{p / MARKER}: class {marker['class']!r} is not a factlab class")
-    try:
-        cls = importlib.import_module(module)
-        for part in qual.split("."):
-            cls = getattr(cls, part)
-    except (ImportError, AttributeError):
-        raise FactlabError(f"{p / MARKER}: unknown wrapper class {marker['class']!r}") from None
+    cls = REGISTRY.get(marker["class"])
+    if cls is None:
+        if not module.startswith("factlab."):
+            # never import arbitrary code named by a file on disk: a user's own wrapper
+            # class is found once its module has been imported (it registers itself)
+            raise FactlabError(f"{p / MARKER}: class {marker['class']!r} is not a factlab "
+                               f"class and is not defined in this process (import it first)")
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
+        cls = REGISTRY.get(marker["class"])
+        if cls is None:
+            raise FactlabError(f"{p / MARKER}: unknown wrapper class {marker['class']!r}")
     ref = marker.get("backbone") or {}
     if backbone is None:
         if not ref.get("path"):
             raise FactlabError(f"{p}: the wrapper names no backbone path; pass backbone=")
         backbone = load_any(ref["path"], **kwargs)
     want = ref.get("sha256")
-    if want and frozen_fingerprint(backbone)["sha256"] != want:
+    if want and frozen_fingerprint(backbone, every=True)["sha256"] != want:
         raise FactlabError(f"{p}: the backbone at {ref.get('path')!r} is not the one this "
                            f"wrapper was trained on (weights differ)")
     model = cls.from_config(backbone, marker.get("config") or {}, backbone_path=ref.get("path"))

@@ -38,11 +38,18 @@ from factlab.errors import FactlabError
 MARKER = "factlab_wrapper.json"
 WEIGHTS = "wrapper.safetensors"
 FORMAT = 1
+REGISTRY: dict[str, type] = {}  # "module:qualname" -> every subclass defined in this process
 
 
 class FrozenBackbone(nn.Module):
     """Base class of frozen-backbone methods; subclasses add parameters (and hooks) in
-    ``__init__`` and implement :meth:`wrapper_config` / :meth:`from_config`."""
+    ``__init__`` and implement :meth:`wrapper_config` / :meth:`from_config`. Every subclass
+    is registered by ``module:qualname``, so the loader finds a user's own class once it
+    is defined, and imports only ``factlab.*`` modules by name."""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        REGISTRY[f"{cls.__module__}:{cls.__qualname__}"] = cls
 
     def __init__(self, backbone, *, backbone_path: str | None = None,
                  backbone_train: bool = False):
@@ -139,7 +146,7 @@ class FrozenBackbone(nn.Module):
         cls = type(self)
         marker = {"format": FORMAT, "class": f"{cls.__module__}:{cls.__qualname__}",
                   "backbone": {"path": self.backbone_path,
-                               "sha256": frozen_fingerprint(self.backbone)["sha256"]},
+                               "sha256": frozen_fingerprint(self.backbone, every=True)["sha256"]},
                   "config": self.wrapper_config()}
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
                   str(path / WEIGHTS))

@@ -49,13 +49,14 @@ def _frozen_params(model):
             yield f"backbone.{name}", p
 
 
-def frozen_fingerprint(model) -> dict:
-    """``{"tensors", "elements", "sha256", "path"}`` of the frozen parameters."""
+def frozen_fingerprint(model, *, every: bool = False) -> dict:
+    """``{"tensors", "elements", "sha256", "path"}`` of the frozen parameters (``every``:
+    of all parameters, e.g. a backbone's, whatever their ``requires_grad``)."""
     h = hashlib.sha256()
     n = k = 0
     seen = set()
     for name, p in _frozen_params(model):
-        if p.requires_grad or p.data_ptr() in seen:
+        if (p.requires_grad and not every) or p.data_ptr() in seen:
             continue
         seen.add(p.data_ptr())
         h.update(name.encode())
