@@ -233,7 +233,7 @@ def probe(
     paths = resolve_target(target, world, tokenizer)
     import torch
 
-    from factlab.model.build import load_model
+    from factlab.model.load import load_any as load_model
     from factlab.tokens.tokenizer import load_tokenizer
     from factlab.corpus import load_world
 

@@ -190,7 +190,7 @@ def probe_cell(cell, cell_dir: Path, world, tokenizer, progress: bool = True) ->
     """A recipe cell's ``probe`` step: every kind on the cell's BIO-pretrained model
     (``CELL/pretrain/model``; ``CELL/mixed/model`` for a mixed cell), results in
     ``CELL/probe_{kind}.json``. Returns ``{kind: result}``."""
-    from factlab.model.build import load_model
+    from factlab.model.load import load_any as load_model
 
     stage = "mixed" if cell.regime == "mixed" else "pretrain"
     backbone = load_model(cell_dir / stage / "model")
