@@ -56,7 +56,7 @@ def test_recipe_errors():
 
 def test_packing_schedule():
     from factlab.experiments.recipe import packing_segments
-    from factlab.experiments.run import bio_stream
+    from factlab.experiments.stages import bio_stream
     from factlab.tokens import Schedule, encode_docs, world_tokenizer
     from factlab.corpus import CorpusConfig, make_corpus
 
@@ -78,3 +78,31 @@ def test_packing_schedule():
             load_recipe("quickstart", TINY + ["pretrain.steps=10", f"packing={bad}"])
     with pytest.raises(FactlabError, match="mixed"):
         load_recipe("quickstart", TINY + ["regime=mixed", "packing={whole: 0.5, named: 0.5}"])
+
+
+def test_stages_are_configurable_and_a_new_default_field_resumes(tmp_path):
+    """A cell runs exactly the stages it names; SHARED follows the cell's fields; a run
+    directory resumes when only defaults differ (what the user set is compared)."""
+    import yaml
+
+    from factlab.experiments.recipe import SHARED, CellConfig
+
+    assert set(SHARED) == set(CellConfig.model_fields) - {"name"} and "stages" in SHARED
+    with pytest.raises(FactlabError, match="unknown stage 'pretrian'"):
+        load_recipe("quickstart", TINY + ["stages=[pretrian]"])
+    recipe = load_recipe("quickstart", TINY + ["only=single", "stages=[pretrain,extract]"])
+    (r,) = run_recipe(recipe, tmp_path, progress=False)
+    assert r["stages"] == ["pretrain", "extract"] and "ood" in r
+    assert (tmp_path / "single/pretrain/model").is_dir()
+    assert not (tmp_path / "single/finetune").exists()  # no finetune stage ran
+    assert "## OOD QA accuracy" in (tmp_path / "report.md").read_text()
+    # an older run directory (only recipe.yaml, without a field this version added)
+    (tmp_path / "recipe.set.json").unlink()
+    old = yaml.safe_load((tmp_path / "recipe.yaml").read_text())
+    del old["cells"][0]["model"]["gradient_checkpointing"]
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    again = run_recipe(recipe, tmp_path, progress=False)
+    assert again[0]["ood"] == r["ood"]
+    with pytest.raises(FactlabError, match="different recipe"):
+        run_recipe(load_recipe("quickstart", TINY + ["only=single", "stages=[pretrain,extract]",
+                                                     "eval.batch_size=7"]), tmp_path)

@@ -25,8 +25,19 @@ class ModelConfig(Strict):
     arch: str = "gpt2-rope"  # gpt2-rope | llama
     size: str = "small"  # tiny | small | gpt2-small | gpt2-302m
     context: int = Field(128, ge=16)
-    path: str | None = None  # a local HF causal-LM directory instead of a fresh model
+    # a local model directory instead of a fresh model: HF, peft adapter or factlab
+    # wrapper (factlab.model.load.load_any); `factlab model import` makes one from a GGUF
+    path: str | None = None
+    dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights of a loaded model
+    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     threads: int = Field(0, ge=0)  # torch threads per cell process (0: torch default)
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v):
+        if v not in ("fp32", "bf16", "fp16"):
+            raise ValueError("must be 'fp32', 'bf16' or 'fp16'")
+        return v
 
 
 class FinetuneConfig(TrainConfig):
@@ -69,6 +80,29 @@ class CellConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
     probe: ProbeStep | None = None  # P-/Q-probing of the pretrained model (default off)
+    # the cell's stages in order (factlab.experiments.stages); default from `regime`:
+    # pretrain, finetune (or mixed), probe when `probe` is set, extract
+    stages: list[str] | None = None
+
+    def stage_list(self) -> list[str]:
+        if self.stages is not None:
+            return list(self.stages)
+        train = ["mixed"] if self.regime == "mixed" else ["pretrain", "finetune"]
+        return train + (["probe"] if self.probe is not None else []) + ["extract"]
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, v):
+        if v is None:
+            return v
+        from factlab.experiments.stages import STAGES
+
+        bad = [s for s in v if s not in STAGES]
+        if bad:
+            raise ValueError(f"unknown stage {bad[0]!r} (known: {', '.join(STAGES)})")
+        if not v:
+            raise ValueError("a cell needs at least one stage")
+        return list(v)
 
     @field_validator("regime")
     @classmethod
@@ -126,7 +160,9 @@ class Recipe(Strict):
     cells: list[CellConfig]
 
 
-SHARED = ("regime", "qa_ratio", "packing", "world", "tokenizer", "model", "pretrain", "finetune", "eval", "probe")
+# every cell field but its name may be set once for all cells (derived, so a new field is
+# shared without a second list to keep in step)
+SHARED = tuple(k for k in CellConfig.model_fields if k != "name")
 
 
 def recipe_path(name_or_path: str) -> Path:

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from factlab.experiments.paper import PAPER_OOD_ATTR, paper_mean
 from factlab.experiments.recipe import packing_segments
-from factlab.experiments.probe_report import probe_section
 from factlab.io import atomic_write_text
 
 
@@ -24,10 +23,31 @@ def bio_memorised(result: dict) -> float | None:
 
 
 def write_report(out: Path, recipe, results: list[dict]) -> Path:
+    """The report: the section of every stage kind, in the registry's order
+    (``factlab.experiments.stages``); a section shows the results that have its numbers
+    and is empty when none has."""
+    from factlab.experiments.stages import STAGES
+
     cells = {c.name: c for c in recipe.cells}
-    attrs = list(results[0]["ood"]["per_attribute"]) if results else []
     lines = [f"# {recipe.name}", "", recipe.description.strip(), ""]
-    lines += ["## OOD QA accuracy (P_test, exact match of the whole answer, %)", "",
+    for st in STAGES.values():
+        if st.section is not None:
+            lines += st.section(out, recipe, results, cells)
+    lines += ["Raw numbers: `results.json`; every prediction: `CELL/predictions_*.jsonl`; "
+              "training logs: `CELL/*/metrics.jsonl`.", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def extraction_section(out: Path, recipe, results: list[dict], cells: dict) -> list[str]:
+    """The extract stage's tables: OOD per attribute with the paper's numbers, bios
+    memorised / ID / held-out phrasing, the run, plots."""
+    results = [r for r in results if "ood" in r]
+    if not results:
+        return []
+    attrs = list(results[0]["ood"]["per_attribute"]) if results else []
+    lines = ["## OOD QA accuracy (P_test, exact match of the whole answer, %)", "",
               "| cell | regime | bios | " + " | ".join(attrs) + " | **mean** | paper mean |",
               "|---" * (len(attrs) + 5) + "|"]
     for r in results:
@@ -71,12 +91,7 @@ def write_report(out: Path, recipe, results: list[dict]) -> Path:
     plots = _plots(out, results, cells)
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += probe_section(out, results, cells)
-    lines += ["Raw numbers: `results.json`; every prediction: `CELL/predictions_*.jsonl`; "
-              "training logs: `CELL/*/metrics.jsonl`.", ""]
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines))
-    return path
+    return lines
 
 
 def _plots(out: Path, results: list[dict], cells) -> list[Path]:

@@ -1,8 +1,11 @@
-"""Run a recipe: every cell is world -> tokenizer -> model -> (pretrain -> finetune | mixed)
--> evaluate, in its own folder under the run directory; then the report.
+"""Run a recipe: every cell is world -> tokenizer -> model -> its stages in order
+(``factlab.experiments.stages``: pretrain, finetune | mixed, probe, extract), in its own
+folder under the run directory; then the report.
 
     RUN/
-      recipe.yaml            the resolved recipe (a rerun with another recipe is refused)
+      recipe.yaml            the resolved recipe
+      recipe.set.json        what the user set (a rerun that sets something else is
+                             refused; one that only gains new defaults resumes)
       results.json           every cell's numbers
       report.md, *.png       tables with the paper's numbers beside ours, plots
       CELL/world/            the world (manifest, bios, QA)
@@ -27,8 +30,8 @@ import numpy as np
 import yaml
 
 from factlab.errors import FactlabError
-from factlab.experiments.recipe import CellConfig, Recipe, packing_segments
-from factlab.io import atomic_write_text, write_jsonl
+from factlab.experiments.recipe import CellConfig, Recipe
+from factlab.io import atomic_write_text
 
 
 def _log(msg: str) -> None:
@@ -62,50 +65,37 @@ def prepare_tokenizer(cell: CellConfig, cell_dir: Path, world):
 
 
 def prepare_model(cell: CellConfig, tok):
-    from factlab.model.build import build_model, load_model
+    import torch
 
-    if cell.model.path:
-        return load_model(cell.model.path)
-    return build_model(cell.model.arch, cell.model.size, len(tok), cell.model.context,
-                       bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-                       seed=cell.pretrain.seed)
+    from factlab.model.build import build_model
+    from factlab.model.load import load_any
 
-
-def eval_people(world, cell: CellConfig):
-    cap = cell.eval.max_people
-    tr, te = world.train_ids, world.test_ids
-    return (tr[:cap], te[:cap]) if cap else (tr, te)
-
-
-def bio_stream(cell: CellConfig, enc_docs, tok):
-    """The pretraining stream of bios: one packing, or a Schedule of packings."""
-    from factlab.tokens.mixing import Schedule
-    from factlab.tokens.streams import DocStream
-
-    def stream(packing: str, i: int):
-        return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
-                         seed=cell.pretrain.seed + i, whole=packing == "whole",
-                         pad_id=tok.pad_token_id, mask_head=packing == "named")
-
-    segments = packing_segments(cell.packing, cell.pretrain.steps)
-    if len(segments) == 1:
-        return stream(segments[0][0], 0)
-    return Schedule([stream(p, i) for i, (p, _) in enumerate(segments)],
-                    [n * cell.pretrain.batch_size for _, n in segments[:-1]])
+    m = cell.model
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[m.dtype]
+    if m.path:
+        model = load_any(m.path, dtype=dtype)
+    else:
+        model = build_model(m.arch, m.size, len(tok), m.context, bos_id=tok.bos_token_id,
+                            eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
+                            seed=cell.pretrain.seed).to(dtype)
+    if m.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise FactlabError(f"model.gradient_checkpointing: {type(model).__name__} does "
+                               f"not support it")
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    return model
 
 
 def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
-    """Train and evaluate one cell; returns (and writes) its result."""
+    """Run the cell's stages in order (``factlab.experiments.stages``); returns (and
+    writes) its result."""
     import torch
 
-    from factlab.evaluate.generate import evaluate_qa
     from factlab.evaluate.curves import Curves
+    from factlab.experiments.stages import STAGES, CellRun
     from factlab.model.build import flops_per_token
-    from factlab.text.qa import training_qa
-    from factlab.tokens.encode import encode_docs, encode_qa
-    from factlab.tokens.mixing import Mixture
-    from factlab.tokens.streams import QAStream
-    from factlab.train import LoRA, Loop
+    from factlab.tokens.encode import encode_docs
 
     from accelerate import PartialState
 
@@ -118,76 +108,31 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
         world = prepare_world(cell, cell_dir)
         tok = prepare_tokenizer(cell, cell_dir, world)
     model = prepare_model(cell, tok)
-    L = cell.model.context
     enc_docs = encode_docs(tok, world.bios())
-    enc_train_qa = encode_qa(tok, training_qa(world))
-    docs = bio_stream(cell, enc_docs, tok)
-    qa = QAStream(enc_train_qa, L, tok.pad_token_id, seed=cell.finetune.seed,
-                  pack=cell.finetune.pack_qa or cell.regime == "mixed")
-    curves = Curves(world, tok, enc_docs, L, cell.eval.first_token_people,
-                    batch_size=cell.eval.batch_size)
-    fpt = flops_per_token(model, L)
-    stages = {}
-    tag = f"[{cell.name}]"
-
-    if cell.regime == "mixed":
-        stream = Mixture([qa, docs], [cell.qa_ratio, 1 - cell.qa_ratio], seed=cell.pretrain.seed)
-        _log(f"{tag} mixed training: {cell.pretrain.steps} steps, QA_r={cell.qa_ratio}")
-        loop = Loop(model, stream, cell.pretrain, cell_dir / "mixed", evaluate=curves,
-                    tokenizer=tok, progress=progress, flops_per_token=fpt, name=f"{cell.name} mixed")
-        stages["mixed"] = loop.run()
-        model = loop.model
-    else:
-        _log(f"{tag} BIO pretraining: {cell.pretrain.steps} steps on {len(world.bios())} bios")
-        loop = Loop(model, docs, cell.pretrain, cell_dir / "pretrain", evaluate=curves,
-                    tokenizer=tok, progress=progress, flops_per_token=fpt,
-                    name=f"{cell.name} pretrain")
-        stages["pretrain"] = loop.run()
-        model = loop.model
-        ft = cell.finetune
-        plugins = [LoRA(r=ft.lora_r, r_embed=ft.lora_r_embed)] if ft.mode == "lora" else []
-        _log(f"{tag} QA finetuning ({ft.mode}): {ft.steps} steps on {len(enc_train_qa.offsets) - 1} "
-             f"P_train questions")
-        loop = Loop(model, qa, ft, cell_dir / "finetune", plugins=plugins, evaluate=curves,
-                    tokenizer=tok, progress=progress, flops_per_token=fpt,
-                    name=f"{cell.name} finetune")
-        stages["finetune"] = loop.run()
-        model = loop.model
-
-    probes = None
-    if cell.probe is not None:  # every rank trains (DDP), the main one writes
-        from factlab.probe.run import probe_cell
-
-        _log(f"{tag} probing ({', '.join(cell.probe.kinds)}) the pretrained model")
-        probes = probe_cell(cell, cell_dir, world, tok, progress=progress)
-
+    run = CellRun(cell, cell_dir, world, tok, model, progress, state.is_main_process,
+                  enc_docs=enc_docs, flops_per_token=flops_per_token(model, cell.model.context),
+                  curves=Curves(world, tok, enc_docs, cell.model.context,
+                                cell.eval.first_token_people, batch_size=cell.eval.batch_size))
+    stages = cell.stage_list()
+    for name in stages:
+        STAGES[name].run(run)
     if not state.is_main_process:
         return {}
-    # final QA extraction: in-distribution (P_train) and out-of-distribution (P_test)
-    id_people, ood_people = eval_people(world, cell)
-    result = {"cell": cell.name, "regime": cell.regime, "augment": cell.world.augment,
-              "people": len(world.people), "params": int(sum(p.numel() for p in model.parameters()))}
-    for split, ids in (("id", id_people), ("ood", ood_people)):
-        metrics, preds = evaluate_qa(model, tok, world.qa(ids), batch_size=cell.eval.batch_size,
-                                     num_beams=cell.eval.num_beams)
-        write_jsonl(cell_dir / f"predictions_{split}.jsonl", preds)
-        result[split] = metrics
-    para, preds = evaluate_qa(model, tok, world.qa(id_people, paraphrase=True),
-                              batch_size=cell.eval.batch_size, num_beams=cell.eval.num_beams)
-    write_jsonl(cell_dir / "predictions_id_paraphrase.jsonl", preds)
-    result["id_paraphrase"] = para
-    if probes is not None:
-        result["probe"] = probes
+    result = {"cell": cell.name, "regime": cell.regime, "stages": stages,
+              "augment": cell.world.augment, "people": len(world.people),
+              "params": int(sum(p.numel() for p in run.model.parameters())), **run.result}
+    hist = run.history
     result["curves"] = {k: [r for r in v if any(x.startswith("eval/") for x in r)]
-                        for k, v in stages.items()}
-    result["loss"] = {k: [[r["step"], r["loss"]] for r in v] for k, v in stages.items()}
+                        for k, v in hist.items()}
+    result["loss"] = {k: [[r["step"], r["loss"]] for r in v] for k, v in hist.items()}
     result["tokens_per_s"] = {k: float(np.mean([r["tokens_per_s"] for r in v
                                                 if "tokens_per_s" in r] or [0]))
-                              for k, v in stages.items()}
+                              for k, v in hist.items()}
     result["seconds"] = time.perf_counter() - t0
     atomic_write_text(cell_dir / "result.json", json.dumps(result, indent=1) + "\n")
-    _log(f"{tag} OOD exact match {result['ood']['exact_match']:.1%}, "
-         f"ID {result['id']['exact_match']:.1%} ({result['seconds']:.0f}s)")
+    if "ood" in result:
+        _log(f"[{cell.name}] OOD exact match {result['ood']['exact_match']:.1%}, "
+             f"ID {result['id']['exact_match']:.1%} ({result['seconds']:.0f}s)")
     return result
 
 
@@ -210,17 +155,20 @@ def run_recipe(recipe: Recipe, out: str | Path, *, force: bool = False,
         recipe = recipe.model_copy(update={"parallel": 1})  # ranks share each cell instead
     out = Path(out)
     resolved = yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-    rfile = out / "recipe.yaml"
-    if rfile.is_file() and rfile.read_text() != resolved and not force:
+    user_set = recipe.model_dump(mode="json", exclude_unset=True)
+    rfile, sfile = out / "recipe.yaml", out / "recipe.set.json"
+    same = _same_run(rfile, sfile, recipe, user_set)
+    if same is False and not force:
         raise FactlabError(f"{out} holds a run of a different recipe/config; use another "
                            f"--out, or --force to replace it")
-    if force and out.exists() and rfile.is_file() and rfile.read_text() != resolved:
+    if force and out.exists() and same is False:
         import shutil
 
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if state.is_main_process:
         atomic_write_text(rfile, resolved)
+        atomic_write_text(sfile, json.dumps(user_set, indent=1, sort_keys=True) + "\n")
     jobs = [(c.model_dump(mode="json"), str(out / _safe(c.name))) for c in recipe.cells]
     if recipe.parallel > 1 and len(jobs) > 1:
         import multiprocessing as mp
@@ -238,6 +186,31 @@ def run_recipe(recipe: Recipe, out: str | Path, *, force: bool = False,
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     write_report(out, recipe, results)
     return results
+
+
+def _same_run(rfile: Path, sfile: Path, recipe: Recipe, user_set: dict) -> bool | None:
+    """Is the run in this directory the same recipe? None: no run there yet.
+
+    What counts is what the user set (``recipe.set.json``: the recipe and overrides as
+    given), not the fully resolved config: a later factlab that adds a config field with a
+    default resumes an earlier run. A directory from before ``recipe.set.json`` existed is
+    compared on the keys its ``recipe.yaml`` has."""
+    if sfile.is_file():
+        return json.loads(sfile.read_text(encoding="utf-8")) == user_set
+    if rfile.is_file():
+        old = yaml.safe_load(rfile.read_text(encoding="utf-8"))
+        return _subset(old, recipe.model_dump(mode="json"))
+    return None
+
+
+def _subset(old, new) -> bool:
+    if isinstance(old, dict):
+        return isinstance(new, dict) and all(k in new and _subset(v, new[k])
+                                             for k, v in old.items())
+    if isinstance(old, list):
+        return isinstance(new, list) and len(old) == len(new) and all(
+            _subset(a, b) for a, b in zip(old, new))
+    return old == new
 
 
 def _safe(name: str) -> str:

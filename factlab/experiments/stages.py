@@ -1,0 +1,185 @@
+"""A cell is an ordered list of typed stages; each is one short function over the cell's
+shared state (torchtune-recipe style: read top to bottom, no inheritance).
+
+    pretrain   BIO pretraining on the world's bios            -> CELL/pretrain/
+    finetune   QA finetuning on P_train (full or LoRA)        -> CELL/finetune/
+    mixed      bios and QA mixed from the start               -> CELL/mixed/
+    probe      P-/Q-probes of the pretrained model            -> CELL/probe_{p,q}*
+    extract    exact-match QA extraction: ID, OOD, paraphrase -> CELL/predictions_*.jsonl
+
+``CellConfig.stages`` names them in order (default from ``regime``: pretrain, finetune
+-- or mixed --, then probe when configured, then extract). Each stage registers the report
+section that shows its numbers (``Stage.section``); a later stage kind (memory tuning,
+streams, comparisons) is one more entry here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class CellRun:
+    """What the stages of one cell share; a stage reads and replaces ``model``."""
+
+    cell: object
+    dir: Path
+    world: object
+    tok: object
+    model: object
+    progress: bool
+    is_main: bool
+    enc_docs: object = None
+    curves: object = None
+    flops_per_token: float | None = None
+    history: dict = field(default_factory=dict)  # stage -> the loop's metric rows
+    result: dict = field(default_factory=dict)
+
+    @property
+    def tag(self) -> str:
+        return f"[{self.cell.name}]"
+
+
+@dataclass
+class Stage:
+    run: Callable[[CellRun], None]
+    section: Callable | None = None  # (out, recipe, results, cells) -> report lines
+    doc: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def stage(name: str, section: Callable | None = None):
+    def register(fn):
+        STAGES[name] = Stage(fn, section, (fn.__doc__ or "").strip())
+        return fn
+    return register
+
+
+def eval_people(world, cell):
+    cap = cell.eval.max_people
+    tr, te = world.train_ids, world.test_ids
+    return (tr[:cap], te[:cap]) if cap else (tr, te)
+
+
+def bio_stream(cell, enc_docs, tok):
+    """The pretraining stream of bios: one packing, or a Schedule of packings."""
+    from factlab.experiments.recipe import packing_segments
+    from factlab.tokens.mixing import Schedule
+    from factlab.tokens.streams import DocStream
+
+    def stream(packing: str, i: int):
+        return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
+                         seed=cell.pretrain.seed + i, whole=packing == "whole",
+                         pad_id=tok.pad_token_id, mask_head=packing == "named")
+
+    segments = packing_segments(cell.packing, cell.pretrain.steps)
+    if len(segments) == 1:
+        return stream(segments[0][0], 0)
+    return Schedule([stream(p, i) for i, (p, _) in enumerate(segments)],
+                    [n * cell.pretrain.batch_size for _, n in segments[:-1]])
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _loop(run: CellRun, stream, cfg, name: str, plugins=()):
+    from factlab.train import Loop
+
+    loop = Loop(run.model, stream, cfg, run.dir / name, plugins=plugins, evaluate=run.curves,
+                tokenizer=run.tok, progress=run.progress, flops_per_token=run.flops_per_token,
+                name=f"{run.cell.name} {name}")
+    run.history[name] = loop.run()
+    run.model = loop.model
+
+
+def _qa_stream(run: CellRun, pack: bool):
+    from factlab.text.qa import training_qa
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+
+    enc = encode_qa(run.tok, training_qa(run.world))
+    return QAStream(enc, run.cell.model.context, run.tok.pad_token_id,
+                    seed=run.cell.finetune.seed, pack=pack)
+
+
+def _bio_stream(run: CellRun):
+    return bio_stream(run.cell, run.enc_docs, run.tok)
+
+
+@stage("pretrain")
+def pretrain(run: CellRun) -> None:
+    """BIO pretraining: the bios packed as ``packing`` says."""
+    _log(f"{run.tag} BIO pretraining: {run.cell.pretrain.steps} steps on "
+         f"{len(run.world.bios())} bios")
+    _loop(run, _bio_stream(run), run.cell.pretrain, "pretrain")
+
+
+@stage("finetune")
+def finetune(run: CellRun) -> None:
+    """QA finetuning on P_train, full or LoRA, one question per sequence by default."""
+    from factlab.train import LoRA
+
+    ft = run.cell.finetune
+    qa = _qa_stream(run, pack=ft.pack_qa)
+    plugins = [LoRA(r=ft.lora_r, r_embed=ft.lora_r_embed)] if ft.mode == "lora" else []
+    _log(f"{run.tag} QA finetuning ({ft.mode}): {ft.steps} steps on {len(qa.enc)} "
+         f"P_train questions")
+    _loop(run, qa, ft, "finetune", plugins)
+
+
+@stage("mixed")
+def mixed(run: CellRun) -> None:
+    """Mixed training: each packed sequence all-QA with probability ``qa_ratio``."""
+    from factlab.tokens.mixing import Mixture
+
+    c = run.cell
+    stream = Mixture([_qa_stream(run, pack=True), _bio_stream(run)],
+                     [c.qa_ratio, 1 - c.qa_ratio], seed=c.pretrain.seed)
+    _log(f"{run.tag} mixed training: {c.pretrain.steps} steps, QA_r={c.qa_ratio}")
+    _loop(run, stream, c.pretrain, "mixed")
+
+
+def _probe_section(out, recipe, results, cells):
+    from factlab.experiments.probe_report import probe_section
+
+    return probe_section(out, results, cells)
+
+
+@stage("probe", section=_probe_section)
+def probe(run: CellRun) -> None:
+    """P-/Q-probing of the pretrained model (every rank trains; the main one writes)."""
+    from factlab.probe.run import probe_cell
+
+    _log(f"{run.tag} probing ({', '.join(run.cell.probe.kinds)}) the pretrained model")
+    run.result["probe"] = probe_cell(run.cell, run.dir, run.world, run.tok,
+                                     progress=run.progress)
+
+
+def _extraction_section(out, recipe, results, cells):
+    from factlab.experiments.report import extraction_section
+
+    return extraction_section(out, recipe, results, cells)
+
+
+@stage("extract", section=_extraction_section)
+def extract(run: CellRun) -> None:
+    """Exact-match QA extraction on P_train (ID), P_test (OOD) and held-out phrasings."""
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.io import write_jsonl
+
+    if not run.is_main:
+        return
+    c, w = run.cell, run.world
+    id_people, ood_people = eval_people(w, c)
+    sets = (("id", w.qa(id_people)), ("ood", w.qa(ood_people)),
+            ("id_paraphrase", w.qa(id_people, paraphrase=True)))
+    for split, qa in sets:
+        metrics, preds = evaluate_qa(run.model, run.tok, qa, batch_size=c.eval.batch_size,
+                                     num_beams=c.eval.num_beams)
+        write_jsonl(run.dir / f"predictions_{split}.jsonl", preds)
+        run.result[split] = metrics
