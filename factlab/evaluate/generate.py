@@ -15,7 +15,6 @@ import torch
 
 from factlab.errors import FactlabError
 from factlab.evaluate.metrics import metrics_from_arrays
-from factlab.text.qa import completion, prompt
 
 
 def _special_ids(model, tokenizer) -> tuple[int, int]:
@@ -91,19 +90,23 @@ def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 16,
 
 
 def evaluate_qa(model, tokenizer, qa, *, batch_size: int = 64, num_beams: int = 1,
-                max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+                max_new_tokens: int | None = None,
+                prompt_format: str = "plain") -> tuple[dict, list[dict]]:
     """Exact-match QA accuracy: overall, per attribute, and one record per question.
 
     A prediction is correct only if the whole generated completion (up to EOS) equals
     ``" " + answer``: a prefix of the answer, or extra text before EOS, is wrong.
     ``max_new_tokens`` defaults to the longest gold completion in tokens + 4.
     """
-    golds = [completion(a) for a in qa.answer]
+    from factlab.tokens.prompts import completion_text, prompt_text
+
+    golds = [completion_text(a, prompt_format) for a in qa.answer]
     if max_new_tokens is None:
         longest = max((len(t) for t in tokenizer(golds, add_special_tokens=False)["input_ids"]),
                       default=0)
         max_new_tokens = longest + 4
-    preds = generate(model, tokenizer, [prompt(q) for q in qa.question],
+    preds = generate(model, tokenizer, [prompt_text(q, tokenizer, prompt_format)
+                                        for q in qa.question],
                      max_new_tokens=max_new_tokens, batch_size=batch_size, num_beams=num_beams)
     attrs = [qa.attributes[int(a)] for a in np.asarray(qa.attribute).tolist()]
     metrics, correct = metrics_from_arrays(preds, golds, attrs)
@@ -116,12 +119,13 @@ def evaluate_qa(model, tokenizer, qa, *, batch_size: int = 64, num_beams: int = 
     return metrics, records
 
 
-def qa_evaluator(tokenizer, qa, *, batch_size: int = 64, num_beams: int = 1):
+def qa_evaluator(tokenizer, qa, *, batch_size: int = 64, num_beams: int = 1,
+                 prompt_format: str = "plain"):
     """An evaluation set for ``factlab.train.experiences.Driver``: ``fn(model) ->
     (exact match, records)`` over the questions of ``qa``."""
     def evaluate(model):
         metrics, records = evaluate_qa(model, tokenizer, qa, batch_size=batch_size,
-                                       num_beams=num_beams)
+                                       num_beams=num_beams, prompt_format=prompt_format)
         return metrics["exact_match"], records
 
     return evaluate

@@ -76,14 +76,16 @@ class _Pairs:
         return np.zeros(len(self), np.int16)
 
 
-def score_answers(model, tokenizer, questions, answers, *, batch_size: int = 64) -> Scores:
+def score_answers(model, tokenizer, questions, answers, *, batch_size: int = 64,
+                  prompt_format: str = "plain") -> Scores:
     """Scores of ``answers[i]`` as the answer to ``questions[i]`` (raw question and value
-    strings, formatted by ``factlab.text.qa.prompt`` / ``completion`` as in training)."""
+    strings, formatted by ``factlab.text.qa.prompt`` / ``completion`` as in training, or
+    the tokenizer's chat template: ``prompt_format``, see ``factlab.tokens.prompts``)."""
     questions, answers = list(questions), list(answers)
     if len(questions) != len(answers):
         raise FactlabError(f"score_answers: {len(questions)} questions but "
                            f"{len(answers)} answers")
-    return score_encoded(model, encode_qa(tokenizer, _Pairs(questions, answers)),
+    return score_encoded(model, encode_qa(tokenizer, _Pairs(questions, answers), prompt_format),
                          batch_size=batch_size)
 
 

@@ -30,7 +30,17 @@ class ModelConfig(Strict):
     path: str | None = None
     dtype: str = "fp32"  # fp32 | bf16 | fp16: the weights of a loaded model
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
+    # how questions and answers become text: the world's "{question}\nAnswer:" (plain) or
+    # the tokenizer's chat template (chat: for instruct models), in training and evaluation
+    prompt_format: str = "plain"
     threads: int = Field(0, ge=0)  # torch threads per cell process (0: torch default)
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _prompt_format(cls, v):
+        if v not in ("plain", "chat"):
+            raise ValueError("must be 'plain' or 'chat'")
+        return v
 
     @field_validator("dtype")
     @classmethod

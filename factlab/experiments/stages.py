@@ -102,7 +102,7 @@ def _qa_stream(run: CellRun, pack: bool):
     from factlab.tokens.encode import encode_qa
     from factlab.tokens.streams import QAStream
 
-    enc = encode_qa(run.tok, training_qa(run.world))
+    enc = encode_qa(run.tok, training_qa(run.world), run.cell.model.prompt_format)
     return QAStream(enc, run.cell.model.context, run.tok.pad_token_id,
                     seed=run.cell.finetune.seed, pack=pack)
 
@@ -180,6 +180,7 @@ def extract(run: CellRun) -> None:
             ("id_paraphrase", w.qa(id_people, paraphrase=True)))
     for split, qa in sets:
         metrics, preds = evaluate_qa(run.model, run.tok, qa, batch_size=c.eval.batch_size,
-                                     num_beams=c.eval.num_beams)
+                                     num_beams=c.eval.num_beams,
+                                     prompt_format=c.model.prompt_format)
         write_jsonl(run.dir / f"predictions_{split}.jsonl", preds)
         run.result[split] = metrics

@@ -209,11 +209,20 @@ def _eos_id(tokenizer) -> int:
     return int(eos)
 
 
-def encode_qa(tokenizer, qa) -> EncodedQA:
+def encode_qa(tokenizer, qa, prompt_format: str = "plain") -> EncodedQA:
     """Tokenize ``prompt(question)`` and ``completion(answer)`` separately (so the boundary
     is exact), concatenate them and append EOS. Answers repeat across people, so each
-    distinct answer is tokenized once."""
-    from factlab.text.qa import completion, prompt
+    distinct answer is tokenized once. ``prompt_format="chat"`` uses the tokenizer's chat
+    template instead (``factlab.tokens.prompts``)."""
+    from factlab.tokens.prompts import check_format, completion_text, prompt_text
+
+    check_format(prompt_format)
+
+    def prompt(q):
+        return prompt_text(q, tokenizer, prompt_format)
+
+    def completion(a):
+        return completion_text(a, prompt_format)
 
     eos = _eos_id(tokenizer)
     Q = len(qa)
