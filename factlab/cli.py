@@ -196,6 +196,76 @@ def model_import(
     console.print(f"use it with: model.path={out} tokenizer.path={out}", highlight=False)
 
 
+@app.command("evaluate")
+def evaluate(
+    model: Path = typer.Argument(..., help="a model directory: HF, peft adapter or factlab "
+                                           "wrapper (what a run writes as model/)"),
+    world: Path = typer.Option(..., "--world", help="world directory whose questions to ask"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory "
+                                             "(default: the model directory's, else its "
+                                             "backbone's)"),
+    split: str = typer.Option("ood", "--split", help="ood (P_test), id (P_train), "
+                                                     "paraphrase (P_train, held-out phrasing) "
+                                                     "or all"),
+    people: Optional[int] = typer.Option(None, "--people", help="cap on people per split"),
+    prompt_format: str = typer.Option("plain", "--prompt-format", help="plain or chat"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write predictions_SPLIT.jsonl here"),
+) -> None:
+    """Exact-match QA accuracy of any saved model on a world's questions."""
+    from factlab.corpus import load_world
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.io import write_jsonl
+    from factlab.model.load import load_any
+    from factlab.tokens.prompts import check_format
+    from factlab.tokens.tokenizer import load_tokenizer
+
+    _quiet_hf()
+    splits = {"ood", "id", "paraphrase"} if split == "all" else {split}
+    if not splits <= {"ood", "id", "paraphrase"}:
+        raise FactlabError(f"--split {split!r}: choose ood, id, paraphrase or all")
+    check_format(prompt_format)
+    w = load_world(world)
+    m = load_any(model)
+    tok_dir = tokenizer or _tokenizer_dir(model)
+    tok = load_tokenizer(tok_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    cap = slice(None, people)
+    sets = {"id": lambda: w.qa(w.train_ids[cap]), "ood": lambda: w.qa(w.test_ids[cap]),
+            "paraphrase": lambda: w.qa(w.train_ids[cap], paraphrase=True)}
+    t = RichTable(title=f"{model}: exact match (%)")
+    for col in ("split", "questions", "exact match", "per attribute"):
+        t.add_column(col)
+    for name in ("id", "ood", "paraphrase"):
+        if name not in splits:
+            continue
+        metrics, preds = evaluate_qa(m, tok, sets[name](), batch_size=batch_size,
+                                     prompt_format=prompt_format)
+        if out is not None:
+            write_jsonl(out / f"predictions_{name}.jsonl", preds)
+        per = ", ".join(f"{a} {100 * v:.1f}" for a, v in metrics["per_attribute"].items())
+        t.add_row(name, str(len(preds)), f"{100 * metrics['exact_match']:.1f}", per)
+    console.print(t)
+
+
+def _tokenizer_dir(model: Path) -> Path:
+    """A model directory's own tokenizer, else that of the backbone it names."""
+    import json
+
+    if (model / "tokenizer.json").is_file() or (model / "tokenizer_config.json").is_file():
+        return model
+    for marker, key in (("factlab_wrapper.json", ("backbone", "path")),
+                        ("adapter_config.json", ("base_model_name_or_path",))):
+        if (model / marker).is_file():
+            ref = json.loads((model / marker).read_text(encoding="utf-8"))
+            for k in key:
+                ref = ref.get(k) if isinstance(ref, dict) else None
+            if ref:
+                return _tokenizer_dir(Path(ref))
+    raise FactlabError(f"{model}: no tokenizer in the model directory; give --tokenizer DIR")
+
+
 @app.command("probe")
 def probe(
     target: Path = typer.Argument(..., metavar="RUN_OR_MODEL",

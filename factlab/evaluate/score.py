@@ -37,6 +37,7 @@ import torch
 
 from factlab.errors import FactlabError
 from factlab.tokens import EncodedQA, encode_qa
+from factlab.train.lm_loss import output_head
 
 
 @dataclass
@@ -87,15 +88,6 @@ def score_answers(model, tokenizer, questions, answers, *, batch_size: int = 64,
                            f"{len(answers)} answers")
     return score_encoded(model, encode_qa(tokenizer, _Pairs(questions, answers), prompt_format),
                          batch_size=batch_size)
-
-
-def _output_head(model):
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if get is not None else None
-    except (AttributeError, NotImplementedError):
-        head = None
-    return head if isinstance(head, torch.nn.Module) else None
 
 
 def _pad_id(model) -> int:
@@ -153,7 +145,7 @@ def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64) -> Scores:
     if N == 0:
         return Scores(nll, max_nll, n_tokens, all_argmax)
     pad = _pad_id(model)
-    head = _output_head(model)
+    head = output_head(model)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows at once
     was_training = model.training
     model.eval()

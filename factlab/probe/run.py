@@ -220,7 +220,8 @@ def resolve_target(target, world=None, tokenizer=None) -> dict:
         tok = tokenizer or (p / "tokenizer" if (p / "tokenizer").is_dir() else model)
         return {"model": model, "world": Path(world) if world else p / "world",
                 "tokenizer": Path(tok), "out": p}
-    if (p / "config.json").is_file():
+    if any((p / m).is_file() for m in ("config.json", "adapter_config.json",
+                                        "factlab_wrapper.json")):  # see model.load.load_any
         if world is None:
             raise FactlabError(f"{p} is a model directory: give its world with --world DIR")
         return {"model": p, "world": Path(world), "tokenizer": Path(tokenizer or p),

@@ -228,6 +228,17 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, per_token: boo
 DEFAULT_INPUTS = frozenset({"input_ids", "attention_mask"})
 
 
+def output_head(model) -> torch.nn.Module | None:
+    """The model's output-embedding module (what the target-position selection hooks), or
+    None for a model that has none (it then keeps its own loss / full logits)."""
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        head = get() if get is not None else None
+    except (AttributeError, NotImplementedError):
+        head = None
+    return head if isinstance(head, torch.nn.Module) else None
+
+
 def model_kwargs(batch: dict, inputs=DEFAULT_INPUTS) -> dict:
     """The keys of ``batch`` a model's forward receives: those named in ``inputs`` (a
     stream's ``model_inputs``). Labels and bookkeeping columns (example / experience ids)

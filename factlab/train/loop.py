@@ -39,7 +39,7 @@ from factlab.errors import FactlabError
 from factlab.io import atomic_write_text, dumps
 from factlab.train.checkpoint import frozen_fingerprint, load_trainable, save_trainable
 from factlab.train.config import TrainConfig
-from factlab.train.lm_loss import DEFAULT_INPUTS, causal_lm_loss, model_kwargs
+from factlab.train.lm_loss import DEFAULT_INPUTS, causal_lm_loss, model_kwargs, output_head
 from factlab.train.optim import dense_optimizer, param_groups, sparse_optimizer, state_bytes
 from factlab.train.plugins import Plugin
 
@@ -245,7 +245,7 @@ class Loop:
         fwd = torch.compile(model) if cfg.compile else model
         # the loss on target positions only (factlab.train.lm_loss); compiled models and
         # models without an output-embedding module keep HF's own loss
-        self._head = None if cfg.compile else _output_head(acc.unwrap_model(model))
+        self._head = None if cfg.compile else output_head(acc.unwrap_model(model))
 
         n_proc, rank = acc.num_processes, acc.process_index
         if cfg.batch_size % (n_proc * cfg.grad_accum):
@@ -430,15 +430,6 @@ def trim_batch(batch: dict, multiple: int = 8, keys=()) -> dict:
     if keep == L:
         return batch
     return {k: v[:, :keep].contiguous() if v.dim() > 1 else v for k, v in batch.items()}
-
-
-def _output_head(model):
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        head = get() if get is not None else None
-    except (AttributeError, NotImplementedError):
-        head = None
-    return head if isinstance(head, torch.nn.Module) else None
 
 
 class _null:
