@@ -106,3 +106,26 @@ def test_stages_are_configurable_and_a_new_default_field_resumes(tmp_path):
     with pytest.raises(FactlabError, match="different recipe"):
         run_recipe(load_recipe("quickstart", TINY + ["only=single", "stages=[pretrain,extract]",
                                                      "eval.batch_size=7"]), tmp_path)
+
+
+def test_model_dtype_and_gradient_checkpointing_are_settable(tmp_path):
+    import torch
+
+    from factlab.experiments.run import prepare_model
+    from factlab.model.build import build_model
+    from factlab.tokens.tokenizer import world_tokenizer
+    from factlab.corpus import make_corpus
+
+    recipe = load_recipe("quickstart", TINY + ["model.dtype=bf16", "model.gradient_checkpointing=true"])
+    cell = recipe.cells[0]
+    tok = world_tokenizer(make_corpus(cell.world), 400)
+    m = prepare_model(cell, tok)
+    on = getattr(m, "is_activation_checkpointing", None)  # transformers >= 5's name
+    assert next(m.parameters()).dtype == torch.bfloat16
+    assert on if on is not None else m.is_gradient_checkpointing
+    build_model("gpt2-rope", "tiny", len(tok), 64, bos_id=tok.eos_token_id, eos_id=tok.eos_token_id,
+                pad_id=tok.pad_token_id, seed=0).save_pretrained(tmp_path / "m")
+    cell2 = load_recipe("quickstart", TINY + [f"model.path={tmp_path / 'm'}", "model.dtype=bf16"]).cells[0]
+    assert next(prepare_model(cell2, tok).parameters()).dtype == torch.bfloat16
+    with pytest.raises(FactlabError, match="model.dtype"):
+        load_recipe("quickstart", ["model.dtype=fp8"])

@@ -82,7 +82,10 @@ def prepare_model(cell: CellConfig, tok):
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise FactlabError(f"model.gradient_checkpointing: {type(model).__name__} does "
                                f"not support it")
-        model.gradient_checkpointing_enable()
+        # transformers >= 5 renames it (the old name warns)
+        enable = getattr(model, "activation_checkpointing_enable", None) or \
+            model.gradient_checkpointing_enable
+        enable()
         model.config.use_cache = False
     return model
 
