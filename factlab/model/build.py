@@ -126,7 +126,11 @@ def load_model(path, **kwargs) -> PreTrainedModel:
         raise FactlabError(f"model path {str(path)!r} has no config.json "
                            f"(not a save_pretrained directory)")
     try:
-        return AutoModelForCausalLM.from_pretrained(p, local_files_only=True, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(p, local_files_only=True, **kwargs)
+        # an absolute path: a wrapper or adapter trained on it names its backbone so,
+        # and loads from any working directory
+        model.config._name_or_path = str(p.resolve())
+        return model
     except (OSError, ValueError) as e:  # missing/corrupt weights, unknown model type
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise FactlabError(f"cannot load model from {str(path)!r}: {msg}") from e

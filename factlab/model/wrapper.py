@@ -59,7 +59,9 @@ class FrozenBackbone(nn.Module):
         backbone.requires_grad_(False)
         object.__setattr__(self, "backbone", backbone)  # by reference: see module doc
         path = backbone_path or getattr(getattr(backbone, "config", None), "_name_or_path", "")
-        self.backbone_path = str(path) if path else None
+        # absolute, so the saved wrapper loads from any working directory
+        self.backbone_path = str(Path(path).resolve()) if path and Path(path).exists() else \
+            (str(path) if path else None)
         self.backbone_train = bool(backbone_train)
         self._hooks: list = []
         self._active = 0

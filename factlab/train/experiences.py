@@ -113,9 +113,10 @@ class Driver:
         tmp = self.out / ".state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_trainable(self.model, tmp / "model.safetensors")
+        params = self._params()
+        save_trainable(self.model, tmp / "model.safetensors", params)
         torch.save({"t": t, "plugins": {p.name: p.state_dict() for p in self.plugins},
-                    "frozen": frozen_fingerprint(self.model)}, tmp / "driver.pt")
+                    "frozen": frozen_fingerprint(self.model, params=params)}, tmp / "driver.pt")
         old = self.out / ".state.old"
         shutil.rmtree(old, ignore_errors=True)
         if self._state_dir().exists():
@@ -124,17 +125,32 @@ class Driver:
         shutil.rmtree(old, ignore_errors=True)
 
     def _load_state(self) -> int:
+        old = self.out / ".state.old"
+        if not self._state_dir().exists() and (old / "driver.pt").is_file():
+            os.replace(old, self._state_dir())  # killed between the two renames of a save
         f = self._state_dir() / "driver.pt"
         if not f.is_file():
             return 0
         st = torch.load(f, weights_only=True, map_location="cpu")
         # LoRA and other setup-time wrappers must exist before their weights load
+        stub = _Stub(self, min(int(st["t"]) + 1, self.T))
         for p in self.plugins:
-            p.setup(_Stub(self))
-        load_trainable(self.model, self._state_dir() / "model.safetensors", st.get("frozen"))
+            p.setup(stub)
+        load_trainable(self.model, self._state_dir() / "model.safetensors", st.get("frozen"),
+                       self._params())
         for p in self.plugins:
             p.load_state_dict(st["plugins"].get(p.name, {}))
         return int(st["t"])
+
+    def _params(self) -> list:
+        """What the plugins train (as the loop groups it): what a state holds."""
+        from factlab.train.optim import param_groups
+
+        cfg = self.experiences[0].cfg
+        stub = _Stub(self, 1)
+        groups = param_groups([(p.name, p.trainable(stub)) for p in self.plugins],
+                              self.model.parameters(), cfg)
+        return [q for g in groups for q in g["params"]]
 
     # -------------------------------------------------------------------- run
     def _evaluate(self, t: int) -> None:
@@ -158,6 +174,11 @@ class Driver:
         self._write_R()
 
     def run(self) -> dict:
+        from accelerate import PartialState
+
+        if PartialState().num_processes > 1:
+            raise FactlabError("the experience driver runs in one process (its state, rows "
+                               "and predictions are not yet written by rank 0 alone)")
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "predictions").mkdir(exist_ok=True)
         self.R = self._init_R()
@@ -195,10 +216,15 @@ class Driver:
 
 
 class _Stub:
-    """What a plugin's ``setup`` sees when the driver restores state before any loop."""
+    """What a plugin's ``setup`` / ``trainable`` see when the driver restores state before
+    any loop: the driver, the model and the fields of the loop of experience ``t``."""
 
-    def __init__(self, driver: Driver):
-        self.driver, self.experience, self.name = driver, None, "restore"
+    def __init__(self, driver: Driver, t: int):
+        exp = driver.experiences[t - 1]
+        self.driver, self.experience, self.name = driver, t, f"restore {exp.name}"
+        self.cfg, self.stream, self.tokenizer = exp.cfg, exp.stream, driver.tokenizer
+        self.out = driver.out / f"exp{t}-{_safe(exp.name)}"
+        self.accelerator, self.plugins, self.step = driver.accelerator, driver.plugins, 0
         object.__setattr__(self, "_d", driver)
 
     @property

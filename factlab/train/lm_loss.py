@@ -246,6 +246,18 @@ def model_kwargs(batch: dict, inputs=DEFAULT_INPUTS) -> dict:
     return {k: batch[k] for k in inputs if k in batch and k != "labels"}
 
 
+def _fit(mask: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``mask`` (B, L) for hidden states ``h`` (B, P + L, d): a wrapper that prepends P
+    positions of its own (prompt tuning, a prompt pool) has no target there."""
+    extra = h.shape[1] - mask.shape[1]
+    if extra == 0:
+        return mask
+    if extra < 0:
+        raise RuntimeError(f"the model returned {h.shape[1]} positions for {mask.shape[1]} "
+                           f"input positions")
+    return torch.cat([mask.new_zeros((mask.shape[0], extra)), mask], dim=1)
+
+
 def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict,
                    inputs=DEFAULT_INPUTS) -> tuple[torch.Tensor, LMOutput]:
     """Loss of ``fwd`` (the model, possibly wrapped) on ``batch`` (labels plus the model
@@ -259,7 +271,7 @@ def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict,
         box = {}
 
         def fused(h):
-            hs = box["hidden"] = h[mask]
+            hs = box["hidden"] = h[_fit(mask, h)]
             box["loss"], box["nll"], box["top"] = linear_cross_entropy(
                 hs, head.weight, head.bias, t, per_token=True)
             return hs.new_zeros((hs.shape[0], 0))  # stands in for the logits
@@ -281,7 +293,7 @@ def causal_lm_loss(fwd, head: torch.nn.Module, batch: dict,
     hidden = {}
 
     def select(module, args):
-        h = hidden["h"] = args[0][mask]
+        h = hidden["h"] = args[0][_fit(mask, args[0])]
         return (h,) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(select)

@@ -104,6 +104,7 @@ class Loop:
         self.experience: int | None = None
         self.driver = None
         self.groups: list[dict] = []
+        self.params: list = []  # every parameter of the groups: what checkpoints hold
         self.optimizers: list = []
         self._head = None
         self._stop = False
@@ -142,6 +143,10 @@ class Loop:
         if dense:
             opts.append(dense_optimizer(dense, self.cfg))
         if sparse:
+            if self.accelerator.mixed_precision == "fp16":
+                raise FactlabError(f"{self.name}: sparse parameter groups are not supported "
+                                   f"under fp16 (one loss scaler would unscale them twice); "
+                                   f"use precision=bf16 or no")
             if self.accelerator.num_processes > 1:
                 raise FactlabError(f"{self.name}: sparse parameter groups "
                                    f"({', '.join(g['name'] for g in sparse)}) are not "
@@ -161,13 +166,13 @@ class Loop:
             tmp = self.out / ".checkpoint.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            save_trainable(acc.unwrap_model(model), tmp / "model.safetensors")
+            save_trainable(acc.unwrap_model(model), tmp / "model.safetensors", self.params)
             torch.save({"step": self.step, "optimizers": [o.state_dict() for o in opts],
                         "schedulers": [s.state_dict() for s in scheds],
                         "torch_rng": torch.get_rng_state(),
                         "plugins": {p.name: p.state_dict() for p in self.plugins},
                         "history": self.history, "stopped": self.stopped,
-                        "frozen": self._frozen}, tmp / "trainer.pt")
+                        "frozen": self._fingerprint(model)}, tmp / "trainer.pt")
             old = self.out / ".checkpoint.old"
             shutil.rmtree(old, ignore_errors=True)
             if self.ckpt_dir.exists():
@@ -177,13 +182,24 @@ class Loop:
         acc.wait_for_everyone()
         self._last_ckpt = time.perf_counter()
 
+    def _fingerprint(self, model) -> dict:
+        """The frozen part does not change during a run: hash it once (0.35 s per 135M
+        fp32 parameters), when first needed."""
+        if self._frozen is None:
+            self._frozen = frozen_fingerprint(self.accelerator.unwrap_model(model),
+                                              params=self.params)
+        return self._frozen
+
     def _resume(self, model, opts, scheds) -> int:
+        old = self.out / ".checkpoint.old"
+        if not self.ckpt_dir.exists() and (old / "trainer.pt").is_file():
+            os.replace(old, self.ckpt_dir)  # killed between the two renames of a save
         state_file = self.ckpt_dir / "trainer.pt"
         if not state_file.is_file():
             return 0
         state = torch.load(state_file, weights_only=True, map_location="cpu")
         load_trainable(self.accelerator.unwrap_model(model), self.ckpt_dir / "model.safetensors",
-                       state.get("frozen"))
+                       state.get("frozen"), self.params)
         opt_states = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
         sched_states = state["schedulers"] if "schedulers" in state else [state["scheduler"]]
         if len(opt_states) != len(opts):
@@ -227,7 +243,8 @@ class Loop:
         opts = self._optimizers()
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in opts]
         model, *opts = acc.prepare(self.model, *opts)
-        self._frozen = frozen_fingerprint(acc.unwrap_model(model))
+        self.params = [p for g in self.groups for p in g["params"]]
+        self._frozen = None  # the frozen part's fingerprint, computed at the first save
         self._last_ckpt = time.perf_counter()
         self._stop, self.stopped = False, False
         start = self._resume(model, opts, scheds)
@@ -273,6 +290,7 @@ class Loop:
                                        f"into grad_accum={cfg.grad_accum} micro-batches")
                 # every row is trained, also those a plugin's next_batch added
                 bounds = np.linspace(0, rows, cfg.grad_accum + 1).round().astype(int)
+                weights = _micro_weights(batch, bounds)
                 loss_sum = 0.0
                 for k in range(cfg.grad_accum):
                     lo, hi = int(bounds[k]), int(bounds[k + 1])
@@ -288,8 +306,8 @@ class Loop:
                     if not torch.isfinite(loss):
                         raise FactlabError(f"{self.name}: loss is {loss.item()} at step {step} "
                                            f"(lower lr, check data); last good checkpoint kept")
-                    acc.backward(loss / cfg.grad_accum)
-                    loss_sum += loss.detach().float().item() / cfg.grad_accum
+                    acc.backward(loss * weights[k])
+                    loss_sum += loss.detach().float().item() * weights[k]
                 grad_norm = None
                 if cfg.clip > 0 and dense_params:  # sparse rows stay out of the norm
                     grad_norm = float(acc.clip_grad_norm_(dense_params, cfg.clip))
@@ -352,6 +370,13 @@ class Loop:
             if self._tb is not None:
                 self._tb.close()
         self.model = acc.unwrap_model(model)
+        # a shared accelerator (the experience driver's) would keep every experience's
+        # optimizers, and their state, alive: let go of this run's
+        for attr, mine in (("_optimizers", opts), ("_models", [model])):
+            held = getattr(acc, attr, None)
+            if isinstance(held, list):
+                held[:] = [x for x in held if not any(x is m for m in mine)]
+        self.optimizers = []
         return self.history
 
     def _agree(self, flag: bool) -> bool:
@@ -406,6 +431,20 @@ class Loop:
 
 
 _SEQ_KEYS = frozenset({"input_ids", "labels", "attention_mask"})
+
+
+def _micro_weights(batch: dict, bounds) -> list[float]:
+    """Each micro-batch's share of the step's loss: its share of the target tokens, so
+    that the step's objective is the mean over all target tokens whatever ``grad_accum``
+    (answers of uneven length, rows a plugin added); equal shares when there are no
+    labels (a plugin's own loss). Per process: under DDP each rank weighs its own."""
+    k = len(bounds) - 1
+    if "labels" not in batch or k == 1:
+        return [1.0 / k] * k
+    per_row = (batch["labels"][:, 1:] != -100).sum(1)
+    counts = [int(per_row[int(bounds[i]):int(bounds[i + 1])].sum()) for i in range(k)]
+    total = sum(counts)
+    return [c / total for c in counts] if total else [1.0 / k] * k
 
 
 def _rows(batch: dict) -> int:

@@ -67,8 +67,13 @@ def param_groups(claimed: list, default_params, cfg) -> list[dict]:
             seen.add(id(p))
         if not params:
             continue
-        base = {"lr": float(g.get("lr") or cfg.lr), "sparse": bool(g.get("sparse", False)),
-                "name": g.get("name", who)}
+        lr = cfg.lr if g.get("lr") is None else float(g["lr"])
+        if lr < 0:
+            raise FactlabError(f"plugin {who!r}: a group's lr must be >= 0, got {lr}")
+        base = {"lr": lr, "sparse": bool(g.get("sparse", False)), "name": g.get("name", who)}
+        if base["sparse"] and g.get("weight_decay"):
+            raise FactlabError(f"plugin {who!r}: group {base['name']!r}: weight decay on a "
+                               f"sparse-row group is not supported (it would touch every row)")
         if base["sparse"] or "weight_decay" in g:
             groups.append({**base, "params": params,
                            "weight_decay": float(g.get("weight_decay", 0.0))})
@@ -122,13 +127,23 @@ class RowAdagrad(torch.optim.Optimizer):
 
     Accepts sparse (COO, e.g. from ``embedding_bag(..., sparse=True)``) and dense
     gradients; with a dense gradient only rows with a non-zero gradient are touched, so
-    untouched slots never move and their accumulator stays as it was.
+    untouched slots never move and their accumulator stays as it was. The accumulator is
+    fp32 whatever the table's dtype, also after a resume (``load_state_dict`` would cast it
+    to the parameter's dtype).
     """
 
     def __init__(self, params, lr: float = 1e-2, eps: float = 1e-10):
         if lr <= 0:
             raise FactlabError(f"RowAdagrad: lr must be > 0, got {lr}")
         super().__init__(params, {"lr": lr, "eps": eps})
+
+    def load_state_dict(self, state_dict):
+        # torch casts floating state to the parameter's dtype: keep the fp32 originals
+        sums = {int(k): v["sum"].clone() for k, v in state_dict["state"].items() if "sum" in v}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for k, v in sums.items():
+            self.state[params[k]]["sum"] = v.float().to(params[k].device)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -43,6 +43,8 @@ inheritance). Every hook is optional; the loop calls them in plugin order.
 
 from __future__ import annotations
 
+import torch
+
 from factlab.errors import FactlabError
 
 
@@ -166,4 +168,26 @@ class _Merged:
     def save_pretrained(self, path, **kwargs) -> None:
         base = self.peft_model.get_base_model()
         kwargs.pop("state_dict", None)
-        base.save_pretrained(path, state_dict=self.state_dict(), **kwargs)
+        sd = self.state_dict()
+        cfg = base.config
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        untie = False
+        if tied:  # an adapted embedding no longer equals its tied head: save them untied
+            inp, out = base.get_input_embeddings(), base.get_output_embeddings()
+            keys = [_key_of(base, getattr(m, "base_layer", m).weight) for m in (inp, out)]
+            untie = None not in keys and keys[0] in sd and keys[1] in sd and \
+                not torch.equal(sd[keys[0]], sd[keys[1]])
+        try:
+            if untie:
+                cfg.tie_word_embeddings = False
+            base.save_pretrained(path, state_dict=sd, **kwargs)
+        finally:
+            cfg.tie_word_embeddings = tied
+
+
+def _key_of(model, param) -> str | None:
+    """The merged state-dict key of ``param`` (its first name, ``.base_layer.`` dropped)."""
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p is param:
+            return name.replace(".base_layer.", ".")
+    return None
