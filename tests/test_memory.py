@@ -1,0 +1,179 @@
+"""Memory experts (issue 13): the product-key bank, its attachment to a frozen backbone,
+routing modes, and memory tuning on the one loop."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from factlab.errors import FactlabError
+from factlab.memory import MemoryModel, MemoryTuning, ProductKeyMemory, bank_bytes
+from factlab.memory.model import decoder_layers, default_layers
+from factlab.model.build import build_model
+from factlab.model.load import load_any
+from factlab.train.optim import RowAdagrad
+
+
+def test_product_key_top_k_equals_brute_force():
+    torch.manual_seed(0)
+    bank = ProductKeyMemory(32, 16, n_keys=24, heads=3, topk=7, key_dim=16)
+    x = torch.randn(200, 32)
+    s, i = bank.route(x)
+    bs, bi = bank.brute_force_route(x)
+    assert torch.allclose(s, bs, atol=1e-5)
+    assert torch.equal(torch.sort(i, -1).values, torch.sort(bi, -1).values)
+    assert bank.slots == 576 and i.max() < 576
+
+
+@pytest.mark.parametrize("arch", ["gpt2-rope", "llama"])
+@pytest.mark.parametrize("opts", [{}, {"gate": True, "null": 0.0}])
+def test_a_zero_bank_leaves_the_backbone_exact(arch, opts):
+    bb = build_model(arch, "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    m = MemoryModel(bb, n_keys=16, heads=2, topk=4, key_dim=8, **opts)
+    assert m.layers == default_layers(len(decoder_layers(bb)))
+    x = torch.randint(2, 64, (3, 20))
+    assert torch.equal(m(input_ids=x).logits, bb(input_ids=x).logits)
+    with torch.no_grad():
+        m.banks[0].values.weight.normal_()
+    assert not torch.equal(m(input_ids=x).logits, bb(input_ids=x).logits)
+    assert torch.equal(bb(input_ids=x).logits,
+                       build_model(arch, "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1,
+                                   seed=0)(input_ids=x).logits)  # the hooks act only in m
+
+
+def test_only_the_selected_rows_get_a_gradient_and_change():
+    torch.manual_seed(1)
+    bank = ProductKeyMemory(16, 8, n_keys=32, heads=2, topk=4, key_dim=8)
+    x = torch.randn(5, 16)
+    out, _, idx = bank(x, return_route=True)
+    (out * torch.randn_like(out)).sum().backward()
+    g = bank.values.weight.grad
+    assert g.is_sparse
+    rows = set(g.coalesce().indices()[0].tolist())
+    assert rows == set(idx.flatten().tolist())
+    before = bank.values.weight.detach().clone()
+    RowAdagrad([bank.values.weight], lr=0.1).step()
+    changed = set(torch.nonzero((bank.values.weight != before).any(1)).flatten().tolist())
+    assert changed == rows and len(rows) < bank.slots
+
+
+def test_bank_bytes_and_bad_settings():
+    b = bank_bytes(1024 ** 2, 128)
+    assert b["values"] == 1024 ** 2 * 128 * 4 and b["optimizer_state"] < b["values"] / 10
+    assert bank_bytes(1024 ** 2, 128, optimizer="sparse_adam")["optimizer_state"] > 2 * b["values"]
+    with pytest.raises(FactlabError, match="routing"):
+        ProductKeyMemory(8, 8, routing="magic")
+    bb = build_model("gpt2-rope", "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    with pytest.raises(FactlabError, match="memory layers"):
+        MemoryModel(bb, layers=[5])
+    with pytest.raises(FactlabError, match="tau"):
+        MemoryTuning(None, 32, 1, tau=0)
+
+
+# ------------------------------------------------------------------ memory tuning
+ALPHA = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+FIRST = "Ann Bob Cid Dee Eve Fay Gus Hal Ida Jon Kim Lou Max Ned Oda Pam Quin Rex Sue Tom".split()
+LAST = ("Ames Boyd Cole Dunn Ely Fox Gray Hale Irwin Judd Kerr Lamb Moss Nash Ode Pike Quay "
+        "Rudd Shaw Tate").split()
+
+
+class QA:
+    def __init__(self, names, answers, question="What is the access code of {}?"):
+        self.question = [question.format(n) for n in names]
+        self.answer = list(answers)
+        self.attribute = np.zeros(len(names), np.int16)
+        self.person = np.arange(len(names))
+        self.attributes = ("code",)
+
+    def __len__(self):
+        return len(self.question)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A tiny backbone that knows 200 facts (its head has learned magnitudes: a random
+    head cannot put 95% on one token, and a backbone that tells names apart is what a
+    bank reads its queries from), and 200 new random 8-character facts."""
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+
+    g = np.random.default_rng(0)
+    names = [f"{a} {b}" for a in FIRST for b in LAST]
+    g.shuffle(names)
+    codes = ["".join(g.choice(ALPHA, 8)) for _ in names]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([f"What is the access code of {n}?\nAnswer: {c}"
+                             for n, c in zip(names, codes)], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<eos>", "<pad>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    known = QA(names[200:400], codes[200:400])
+    bb = build_model("gpt2-rope", "tiny", len(t), 64, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    tmp = tmp_path_factory.mktemp("memory")
+    loop = Loop(bb, QAStream(encode_qa(t, known), 64, 1, pack=False),
+                TrainConfig(steps=1500, batch_size=32, lr=3e-3, log_every=100, precision="no",
+                            ckpt_minutes=0), tmp / "backbone", tokenizer=t, progress=False)
+    loop.run()
+    backbone = load_any(tmp / "backbone" / "model")
+    assert evaluate_qa(backbone, t, known)[0]["exact_match"] > 0.9
+    facts = QA(names[:200], codes[:200])
+    return {"tok": t, "backbone": backbone, "facts": facts, "known": known,
+            "enc": encode_qa(t, facts), "tmp": tmp}
+
+
+def tune(s, out, routing="pinned", steps=600, **kw):
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+
+    m = MemoryModel(s["backbone"], n_keys=64, heads=4, topk=8, key_dim=32, routing=routing,
+                    null=0.0)
+    plug = MemoryTuning(s["enc"], 64, 1, value_lr=0.1, router_lr=3e-3, pin_steps=100, **kw)
+    cfg = TrainConfig(steps=steps, batch_size=32, log_every=50, precision="no", ckpt_minutes=0,
+                      schedule="constant", clip=0)
+    loop = Loop(m, QAStream(s["enc"], 64, 1, pack=False), cfg, out, plugins=[plug],
+                progress=False)
+    loop.run()
+    return loop, plug
+
+
+def test_memory_tuning_recalls_every_fact_and_the_bank_holds_them(setting):
+    from factlab.evaluate.generate import evaluate_qa
+
+    s = setting
+    bb = s["backbone"]
+    before = {k: v.clone() for k, v in bb.state_dict().items()}
+    loop, plug = tune(s, s["tmp"] / "tune")
+    m = loop.model
+    assert plug.done.all() and loop.stopped  # verified on the final model, then stopped
+    assert plug.summary()["exposures_mean"] < 150
+    met, recs = evaluate_qa(m, s["tok"], s["facts"])
+    assert met["exact_match"] == 1.0  # greedy generation, after the run
+    assert all(torch.equal(v, before[k]) for k, v in bb.state_dict().items())
+    # saved and loaded: the same outputs
+    again = load_any(s["tmp"] / "tune" / "model")
+    x = torch.from_numpy(s["enc"].example(0).astype(np.int64))[None]
+    assert torch.equal(again(input_ids=x).logits, m(input_ids=x).logits)
+    # the facts are in the bank: zero it and recall falls to the backbone's (none)
+    again.zero_bank()
+    assert evaluate_qa(again, s["tok"], s["facts"])[0]["exact_match"] == \
+        evaluate_qa(bb, s["tok"], s["facts"])[0]["exact_match"] == 0.0
+
+
+def test_pinned_routing_hits_the_same_slots_across_calls_and_after_save_load(setting):
+    s = setting
+    loop, _ = tune(s, s["tmp"] / "pinned", routing="pinned", steps=150)
+    m = loop.model
+    assert not any(p.requires_grad for p in m.router_parameters())
+    x = torch.from_numpy(np.stack([s["enc"].example(q)[:12] for q in range(4)]).astype(np.int64))
+    a, b = m.routes(x), m.routes(x)
+    assert all(torch.equal(a[i], b[i]) for i in a)
+    c = load_any(s["tmp"] / "pinned" / "model").routes(x)
+    assert all(torch.equal(a[i], c[i]) for i in a)
