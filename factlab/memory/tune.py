@@ -39,7 +39,7 @@ class MemoryTuning(Plugin):
     def __init__(self, facts, seq_len: int, pad_id: int, *, tau: float = 0.05,
                  revisit: float = 0.1, value_lr: float = 0.05, router_lr: float = 1e-3,
                  gate_lr: float = 1e-3, pin_steps: int = 200, seed: int = 0,
-                 negatives=None, negative_fraction: float = 0.0):
+                 negatives=None, negative_fraction: float = 0.0, minutes: float | None = None):
         if not tau > 0:
             raise FactlabError(f"memory tuning: tau must be > 0, got {tau}")
         if not 0 <= revisit < 1 or not 0 <= negative_fraction < 1:
@@ -57,6 +57,7 @@ class MemoryTuning(Plugin):
         self.tau, self.revisit, self.seed = float(tau), float(revisit), int(seed)
         self.value_lr, self.router_lr, self.gate_lr = value_lr, router_lr, gate_lr
         self.pin_steps = int(pin_steps)
+        self.minutes, self._t0 = minutes, None  # a wall-time budget for the tuning
         self.negatives, self.negative_fraction = negatives, float(negative_fraction)
         n = len(lens)
         self.fid = np.asarray(facts.example_id, dtype=np.int64)
@@ -146,6 +147,12 @@ class MemoryTuning(Plugin):
         return self.done
 
     def after_step(self, loop, step: int, logs: dict) -> None:
+        import time
+
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        if self.minutes is not None and time.perf_counter() - self._t0 > 60 * self.minutes:
+            loop.stop()
         if self.done.all():
             was = loop.model.training
             self.verify(loop.model)
