@@ -177,3 +177,13 @@ def test_pinned_routing_hits_the_same_slots_across_calls_and_after_save_load(set
     assert all(torch.equal(a[i], b[i]) for i in a)
     c = load_any(s["tmp"] / "pinned" / "model").routes(x)
     assert all(torch.equal(a[i], c[i]) for i in a)
+
+
+def test_a_wall_time_budget_stops_tuning_and_resume_keeps_the_flags(setting, tmp_path):
+    s = setting
+    loop, plug = tune(s, tmp_path / "t", steps=50, minutes=0.0)
+    assert loop.stopped and loop.history[-1]["step"] == 1
+    assert plug.exposures.sum() == 32  # one batch of facts was seen
+    again = MemoryTuning(s["enc"], 64, 1)
+    again.load_state_dict(plug.state_dict())
+    assert np.array_equal(again.exposures, plug.exposures)
