@@ -3,7 +3,6 @@ accumulation, group lr 0, sparse-group checks, RowAdagrad's accumulator dtype on
 no optimizer kept alive across a driver's experiences, a driver restore whose plugin reads
 its loop, prefix-prepending wrappers, absolute backbone paths, strict checkpoints."""
 
-import os
 import sys
 from pathlib import Path
 

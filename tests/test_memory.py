@@ -1,8 +1,6 @@
 """Memory experts (issue 13): the product-key bank, its attachment to a frozen backbone,
 routing modes, and memory tuning on the one loop."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -14,7 +14,7 @@ from factlab.corpus.store import FILES
 from factlab.errors import FactlabError
 from factlab.io import sha256_file
 from factlab.text.config import RenderConfig
-from factlab.world import WorldConfig, add_cohort, make_world, update_facts
+from factlab.world import WorldConfig, add_cohort, update_facts
 from factlab.world.people import TEST, TRAIN
 
 EMP, CITY = 4, 5  # employer, company_city

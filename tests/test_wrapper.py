@@ -151,3 +151,15 @@ def test_the_batched_evaluator_runs_on_a_wrapper():
     assert len(rec_w) == 2 and "exact_match" in m_w
     # the shift acts during generation: the wrapper's completions are its own
     assert [r["prediction"] for r in rec_w] != [r["prediction"] for r in rec_b]
+
+
+def test_the_model_layer_imports_nothing_from_train():
+    """Data flows one way: factlab.model (wrapper, loader, fingerprint) sits below train."""
+    import subprocess
+
+    code = ("import sys, factlab.model.wrapper, factlab.model.load, factlab.model.fingerprint;"
+            "print(sorted(m for m in sys.modules if m.startswith('factlab.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=str(Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr[-1000:]
+    assert out.stdout.strip() == "[]"

@@ -70,7 +70,7 @@ def _load_adapter(p: Path, backbone, **kwargs):
 def _load_wrapper(p: Path, backbone, **kwargs):
     from safetensors.torch import load_file
 
-    from factlab.train.checkpoint import frozen_fingerprint
+    from factlab.model.fingerprint import frozen_fingerprint
 
     try:
         marker = json.loads((p / MARKER).read_text(encoding="utf-8"))

@@ -141,7 +141,7 @@ class FrozenBackbone(nn.Module):
         it atomic: the loop writes into a temp dir and renames)."""
         from safetensors.torch import save_file
 
-        from factlab.train.checkpoint import frozen_fingerprint
+        from factlab.model.fingerprint import frozen_fingerprint
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)

@@ -15,12 +15,12 @@ mid-run (pinned memory routing) keeps that part in its checkpoints.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from factlab.errors import FactlabError
+from factlab.model.fingerprint import frozen_fingerprint
 
 
 def _is_trained(p, params) -> bool:
@@ -50,39 +50,6 @@ def trainable_state(model, params=None) -> dict[str, torch.Tensor]:
         seen.add(key)
         out[name] = t.detach()
     return out
-
-
-def _frozen_params(model):
-    """Named frozen parameters, including a backbone held by reference
-    (``factlab.model.wrapper.FrozenBackbone``: not a registered submodule)."""
-    yield from model.named_parameters(remove_duplicate=False)
-    backbone = model.__dict__.get("backbone")
-    if isinstance(backbone, torch.nn.Module):
-        for name, p in backbone.named_parameters(remove_duplicate=False):
-            yield f"backbone.{name}", p
-
-
-def frozen_fingerprint(model, *, every: bool = False, params=None) -> dict:
-    """``{"tensors", "elements", "sha256", "path"}`` of the frozen parameters (``every``:
-    of all parameters, e.g. a backbone's, whatever their ``requires_grad``)."""
-    h = hashlib.sha256()
-    n = k = 0
-    seen = set()
-    ids = _ids(params)
-    dtypes: set[str] = set()
-    for name, p in _frozen_params(model):
-        if (_is_trained(p, ids) and not every) or p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        dtypes.add(str(p.dtype).replace("torch.", ""))
-        n += p.numel()
-        k += 1
-    cfg = getattr(model, "config", None)
-    path = getattr(model, "backbone_path", None) or getattr(cfg, "_name_or_path", None) or None
-    return {"tensors": k, "elements": n, "sha256": h.hexdigest() if k else None,
-            "path": str(path) if path else None, "dtype": ",".join(sorted(dtypes)) or None}
 
 
 def save_trainable(model, path: str | Path, params=None) -> None:

@@ -1,9 +1,9 @@
 """The config that makes a world's data (validated; unknown keys are errors).
 
 Only what decides *who* the people are and *what* is true of them lives here. How a world
-is written out as text (augmentation, style, templates) is
-:class:`factlab.text.config.RenderConfig`; the flat ``world:`` block of a recipe, which
-holds both, is :class:`factlab.corpus.config.CorpusConfig`.
+is written out as text (augmentation, style, templates) belongs to the rendering config of
+the text layer above; the flat ``world:`` block of a recipe, which holds both, belongs to
+the corpus layer above that. Nothing here knows either.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Making worlds: sampling bioS people from the pools, celebrity worlds, user fact files.
 
 Randomness comes from independent streams of one seed (people, split, unknown people;
-rendering and paraphrases are drawn by :mod:`factlab.text` from streams of the same seed),
+rendering and paraphrases are drawn by the text layer from streams of the same seed),
 so e.g. changing the augmentation never changes who the people are — the single vs
 multi5+permute comparison is on the very same people.
 """
