@@ -26,6 +26,9 @@ world_app = typer.Typer(no_args_is_help=True, help="Make, inspect and validate w
 app.add_typer(world_app, name="world")
 model_app = typer.Typer(no_args_is_help=True, help="Bring pretrained models in (offline).")
 app.add_typer(model_app, name="model")
+memory_app = typer.Typer(no_args_is_help=True,
+                         help="Store facts in a memory bank on a frozen model; ask it.")
+app.add_typer(memory_app, name="memory")
 console = Console()
 err = Console(stderr=True)
 
@@ -326,6 +329,127 @@ def probe(
     console.print(f"chance: always the most frequent training class, scored on the held-out "
                   f"people; split: {sp['rule']} (seed {sp['seed']})")
     console.print(f"wrote {dest / f'probe_{cfg.kind}.json'}")
+
+
+def _memory_target(model: Path, world: Optional[Path], tokenizer: Optional[Path]):
+    """A run cell (its QA-finetuned model, world, tokenizer) or a model directory."""
+    if not model.exists():
+        raise FactlabError(f"{model}: no such model directory or run cell")
+    if (model / "world" / "manifest.json").is_file():
+        m = next((model / s / "model" for s in ("finetune", "mixed", "pretrain")
+                  if (model / s / "model" / "config.json").is_file()), None)
+        if m is None:
+            raise FactlabError(f"{model}: a run cell without a finished model")
+        tok = tokenizer or (model / "tokenizer" if (model / "tokenizer").is_dir() else m)
+        return m, world or model / "world", tok
+    return model, world, tokenizer or _tokenizer_dir(model)
+
+
+@memory_app.command("tune")
+def memory_tune(
+    model: Path = typer.Argument(..., help="model directory (HF, imported) or a run cell"),
+    out: Path = typer.Option(..., "--out", help="directory for the memory model and report"),
+    facts: Optional[Path] = typer.Option(None, "--facts", help="fact file (JSONL/CSV)"),
+    random: Optional[int] = typer.Option(None, "--random",
+                                         help="N generated facts: 32 random characters each "
+                                              "about new names (needs a world)"),
+    world: Optional[Path] = typer.Option(None, "--world",
+                                         help="world: names for --random, locality sets"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory"),
+    minutes: Optional[float] = typer.Option(None, "--minutes", help="tuning time budget"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. topk=16"),
+    force: bool = typer.Option(False, "--force", help="replace an existing OUT"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Tune a memory bank on a frozen MODEL until every fact is recalled exactly; report
+    reliability, locality, hallucination on never-stored names and abstention AUROC."""
+    from factlab.memory.facts import attribute_facts, file_facts, fresh_names, random_answers
+    from factlab.memory.run import MemorySettings, report, tune_memory
+
+    _quiet_hf()
+    data = deep_merge({k: v for k, v in {"minutes": minutes, "seed": seed}.items()
+                       if v is not None}, parse_overrides(set_))
+    cfg = build(MemorySettings, data, source="memory options")
+    if (facts is None) == (random is None):
+        raise FactlabError("memory tune: give exactly one of --facts FILE or --random N")
+    if random is not None and random < 1:
+        raise FactlabError(f"--random {random}: need at least one fact")
+    mpath, wpath, tpath = _memory_target(model, world, tokenizer)
+    import json as _json
+
+    run_id = {"model": str(mpath.resolve()), "world": str(wpath) if wpath else None,
+              "facts": str(facts) if facts else None, "random": random,
+              "settings": cfg.model_dump()}
+    marker = out / "memory_run.json"
+    same = marker.is_file() and _json.loads(marker.read_text(encoding="utf-8")) == run_id
+    if out.exists() and any(out.iterdir()) and not same and not force:
+        raise FactlabError(f"{out} holds another run (or other files); use --force to replace "
+                           f"it (the same command again resumes an interrupted run)")
+    corpus = None
+    if wpath is not None:
+        from factlab.corpus import load_world
+
+        corpus = load_world(wpath)
+    if random is not None:
+        if corpus is None:
+            raise FactlabError("--random needs a world (--world DIR) to draw new names from")
+        names = fresh_names(corpus.world, random, cfg.seed)
+        qa = attribute_facts(names, random_answers(random, cfg.seed))
+    else:
+        qa, names = file_facts(facts)
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    res = tune_memory(mpath, tpath, qa, names, out, cfg, corpus=corpus, progress=progress,
+                      run_id=run_id, replace=force and not same)
+    console.print(report(res), markup=False, highlight=False)
+    console.print(f"wrote {out / 'model'}, {out / 'report.md'}")
+
+
+@memory_app.command("ask")
+def memory_ask(
+    model: Path = typer.Argument(..., help="a memory model directory (memory tune's OUT/model)"),
+    question: str = typer.Argument(..., help="the question"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory"),
+    abstain: bool = typer.Option(False, "--abstain",
+                                 help="answer 'unknown' when the memory does not hold it"),
+) -> None:
+    """Answer QUESTION with a memory model (greedy), with the bank's confidence."""
+    from factlab.evaluate.generate import generate
+    from factlab.memory.model import MemoryModel
+    from factlab.model.load import load_any
+    from factlab.text.qa import QA
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.prompts import prompt_text
+    from factlab.tokens.tokenizer import load_tokenizer
+
+    _quiet_hf()
+    if (model / "model" / "factlab_wrapper.json").is_file():
+        model = model / "model"
+    m = load_any(model)
+    if not isinstance(m, MemoryModel):
+        raise FactlabError(f"{model}: not a memory model (factlab memory tune writes one)")
+    tok = load_tokenizer(tokenizer or _tokenizer_dir(model))
+    pred = generate(m, tok, [prompt_text(question, tok, "plain")], max_new_tokens=64)[0]
+    line = pred.strip()
+    if m.keygate is not None:
+        import numpy as np
+
+        qa = QA(person=np.zeros(1, np.int32), attribute=np.zeros(1, np.int16),
+                template=np.zeros(1, np.int16), question=[question], answer=["?"],
+                attributes=("?",), heldout=False)
+        score = float(m.question_scores(encode_qa(tok, qa))[0])
+        held = score >= m.radius
+        if abstain and not held:
+            line = "unknown"
+        console.print(line, markup=False, highlight=False)
+        console.print(f"[dim]memory: {'holds' if held else 'does not hold'} this question "
+                      f"(nearest stored key {score:.4f}, radius {m.radius:.4f})[/]")
+    else:
+        console.print(line, markup=False, highlight=False)
 
 
 def _quiet_hf() -> None:

@@ -81,6 +81,7 @@ LAST = ("Ames Boyd Cole Dunn Ely Fox Gray Hale Irwin Judd Kerr Lamb Moss Nash Od
 
 class QA:
     def __init__(self, names, answers, question="What is the access code of {}?"):
+        self.names = list(names)
         self.question = [question.format(n) for n in names]
         self.answer = list(answers)
         self.attribute = np.zeros(len(names), np.int16)
@@ -185,3 +186,73 @@ def test_a_wall_time_budget_stops_tuning_and_resume_keeps_the_flags(setting, tmp
     again = MemoryTuning(s["enc"], 64, 1)
     again.load_state_dict(plug.state_dict())
     assert np.array_equal(again.exposures, plug.exposures)
+
+
+# ------------------------------------------------------------------------ key gate
+def test_the_key_gate_opens_only_after_a_stored_question(setting):
+    s = setting
+    m = MemoryModel(s["backbone"], n_keys=16, heads=2, topk=4, key_dim=8, gate="keys")
+    with torch.no_grad():
+        for b in m.banks:
+            b.values.weight.normal_()
+    stored, other = s["enc"].take(np.arange(4)), encode_known(s)
+    assert m.write_keys(stored) == 4 and m.write_keys(stored) == 0  # not stored twice
+    assert np.allclose(m.question_scores(stored), 1.0, atol=1e-5)
+    assert (m.question_scores(other) < m.radius).all()
+    bb = s["backbone"]
+    for enc, changed in ((stored, True), (other, False)):
+        x = torch.from_numpy(enc.example(0).astype(np.int64))[None]
+        a, b = m(input_ids=x).logits, bb(input_ids=x).logits
+        start = int(enc.answer_start[0])
+        # the prompt (before its last token) is never touched; from the question's end on
+        # the banks act on a stored question only
+        assert torch.equal(a[:, :start - 1], b[:, :start - 1])
+        assert torch.equal(a, b) != changed
+    # cached generation carries the gate over: the same tokens as uncached decoding
+    x = torch.from_numpy(stored.example(0)[:int(stored.answer_start[0])].astype(np.int64))[None]
+    g = m.generate(input_ids=x, max_new_tokens=6, do_sample=False, use_cache=True,
+                   pad_token_id=1)
+    ids = x
+    for _ in range(6):
+        nxt = m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+
+
+def encode_known(s, n=20):
+    from factlab.tokens.encode import encode_qa
+
+    return encode_qa(s["tok"], s["known"]).take(np.arange(n))
+
+
+def test_key_gated_tuning_recalls_every_fact_and_leaves_other_answers_exact(setting):
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+
+    s = setting
+    from factlab.memory.gate import pick_radius
+    from factlab.tokens.encode import encode_qa
+
+    m = MemoryModel(s["backbone"], n_keys=64, heads=4, topk=8, key_dim=32, gate="keys",
+                    routing="pinned")
+    assert m.layers == ["head"] and m.key_layer == 1  # by default: keys from the deepest layer
+    m.write_keys(s["enc"])
+    # the radius is chosen on validation questions (known facts 100-199), tested on others
+    m.radius = pick_radius(m.question_scores(encode_qa(s["tok"], s["known"]).take(
+        np.arange(100, 200))))
+    test = QA(s["known"].names[:100], s["known"].answer[:100])
+    plug = MemoryTuning(s["enc"], 64, 1, value_lr=0.5, router_lr=3e-4, pin_steps=100)
+    cfg = TrainConfig(steps=800, batch_size=32, log_every=50, precision="no", ckpt_minutes=0,
+                      schedule="constant", clip=0, sparse_optimizer="sparse_adam")
+    loop = Loop(m, QAStream(s["enc"], 64, 1, pack=False), cfg, s["tmp"] / "keys",
+                plugins=[plug], progress=False)
+    loop.run()
+    assert plug.done.all() and loop.stopped
+    assert evaluate_qa(m, s["tok"], s["facts"])[0]["exact_match"] == 1.0
+    _, after = evaluate_qa(m, s["tok"], test)
+    _, before = evaluate_qa(s["backbone"], s["tok"], test)
+    assert [r["prediction"] for r in after] == [r["prediction"] for r in before]
+    again = load_any(s["tmp"] / "keys" / "model")  # the codebook and radius travel
+    assert len(again.keygate) == len(s["facts"]) and again.radius == m.radius
+    assert evaluate_qa(again, s["tok"], s["facts"])[0]["exact_match"] == 1.0

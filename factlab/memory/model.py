@@ -5,8 +5,13 @@ Each bank reads a decoder layer's output hidden states and adds its output to th
 1/2 and 3/4 of the depth. Value rows start at zero, so before tuning the wrapped model
 equals the backbone exactly. An optional relevance gate (a sigmoid of a linear read of the
 hidden state, per position) scales each bank's output: trained with negative examples
-(``MemoryTuning(negatives=...)``) it learns to stay shut on questions the bank does not
-hold. The backbone is held by reference (``factlab.model.wrapper.FrozenBackbone``) and
+(``MemoryTuning(negatives=...)``) it learns to stay shut on the negatives and, measured,
+on little else. ``gate="keys"`` is the key gate (``factlab.memory.gate``): a codebook of the
+backbone's own states at the end of each stored question, read at the lowest memory layer
+before anything is added; the banks act only from the position where a stored question
+matches (cosine >= radius) to the end of the sequence, and add nothing elsewhere (closed,
+the model is the backbone exactly). During cached generation the open/closed state of
+each row carries over from the prompt's forward to the steps after it. The backbone is held by reference (``factlab.model.wrapper.FrozenBackbone``) and
 never copied; ``save_pretrained`` writes only the banks (+ the backbone's path and hash).
 """
 
@@ -14,11 +19,13 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 from torch import nn
 
 from factlab.errors import FactlabError
 from factlab.memory.bank import ProductKeyMemory
+from factlab.memory.gate import KeyGate
 from factlab.model.wrapper import FrozenBackbone
 
 # where the decoder layers of each supported family live
@@ -45,50 +52,244 @@ def default_layers(n_layers: int) -> list[int]:
     return sorted({min(n_layers - 1, max(0, round(f * n_layers) - 1)) for f in (0.25, 0.5, 0.75)})
 
 
+class _Captured(Exception):
+    """Ends a forward once the key layer's states are read."""
+
+
 class MemoryModel(FrozenBackbone):
     def __init__(self, backbone, *, layers: list[int] | None = None, n_keys: int = 256,
                  heads: int = 4, topk: int = 32, key_dim: int = 64, routing: str = "pinned",
-                 gate: bool = False, null: float | None = None, seed: int = 0,
+                 gate: bool | str | None = False, radius: float = 0.98,
+                 query: str | None = None,
+                 null: float | None = None, seed: int = 0,
                  backbone_path: str | None = None,
                  backbone_train: bool = False):
         super().__init__(backbone, backbone_path=backbone_path, backbone_train=backbone_train)
         blocks = decoder_layers(backbone)
-        layers = default_layers(len(blocks)) if layers is None else [int(x) for x in layers]
-        bad = [x for x in layers if not 0 <= x < len(blocks)]
+        gate = {True: "learned", False: None, "none": None}.get(gate, gate)
+        if layers is None:  # with a key gate: at the head's input (see the module doc)
+            layers = ["head"] if gate == "keys" else default_layers(len(blocks))
+        layers = [x if x == "head" else int(x) for x in layers]
+        ints = [x for x in layers if x != "head"]
+        bad = [x for x in ints if not 0 <= x < len(blocks)]
         if bad or not layers or len(set(layers)) != len(layers):
             raise FactlabError(f"memory layers {layers}: need distinct layer indices in "
-                               f"[0, {len(blocks)})")
+                               f"[0, {len(blocks)}) or 'head'")
         d = backbone.config.hidden_size
-        self.layers, self.gate = layers, bool(gate)
+        if gate not in (None, "learned", "keys"):
+            raise FactlabError(f"memory gate={gate!r}: choose none, learned or keys")
+        self.layers, self.gate_kind = layers, gate
+        query = query or ("state+question" if gate == "keys" else "state")
+        if query not in ("state", "state+question") or (query != "state" and gate != "keys"):
+            raise FactlabError(f"memory query={query!r}: 'state', or 'state+question' with "
+                               f"gate='keys'")
+        self.query = query
+        self.gate = gate == "learned"  # the learned sigmoid gate
         self.kw = dict(n_keys=n_keys, heads=heads, topk=topk, key_dim=key_dim, routing=routing,
                        null=null)
         self.seed = seed
         self.banks = nn.ModuleList(
-            ProductKeyMemory(d, d, seed=seed + 1000 * i, **self.kw) for i in range(len(layers)))
+            ProductKeyMemory(2 * d if query == "state+question" else d, d, seed=seed + 1000 * i,
+                             **self.kw) for i in range(len(layers)))
         if self.gate:
             self.gates = nn.ModuleList(nn.Linear(d, 1) for _ in layers)
             for g in self.gates:  # starts half open; zero values keep the output exact
                 nn.init.zeros_(g.weight)
                 nn.init.zeros_(g.bias)
+        self.keygate = KeyGate(d, radius) if gate == "keys" else None
+        self.key_layer = min(ints) if ints else len(blocks) - 1
+        self._call: dict = {}  # per forward: fresh sequence?, attention mask
+        self._open = None  # (B, T) bool: where the key gate lets the banks act
+        self._carry = None  # (B,) bool: each row's gate at its last position
+        self._qstate = None  # (B, d): the state of the question that opened each row's gate
+        self._score = None  # (B, T) fp32: nearest stored key's cosine (key gate)
+        self._capture = None  # list: key-layer states, when recording keys
         self.last_route: dict[int, tuple] = {}
         self.record_routes = False
         dev = next(backbone.parameters()).device
         super()._apply(lambda t: t.to(dev))  # the banks where the backbone is (fp32)
         for i, li in enumerate(layers):
-            self.add_hook(blocks[li], functools.partial(self._add, i))
+            if li == "head":
+                head = backbone.get_output_embeddings()
+                if head is None:
+                    raise FactlabError("memory layers ['head']: the backbone has no output "
+                                       "embedding module")
+                self._hooks.append(head.register_forward_pre_hook(
+                    functools.partial(self._head_in, i)))
+            else:
+                self.add_hook(blocks[li], functools.partial(self._add, i))
+        if self.keygate is not None and self.key_layer not in ints:
+            self.add_hook(blocks[self.key_layer], self._key_state)
+        self._hooks.append(backbone.register_forward_pre_hook(self._pre, with_kwargs=True))
+
+    def _pre(self, module, args, kwargs):
+        """Before each backbone call: is this the start of the sequences (no cache yet) or
+        a cached continuation (generation steps)?"""
+        if not self._active:
+            return None
+        # the KV cache (``past_key_values``, or ``cache`` in newer transformers): empty or
+        # absent at the start of a sequence
+        caches = [v for v in kwargs.values() if hasattr(v, "get_seq_length")]
+        cp = kwargs.get("cache_position")
+        if caches:
+            fresh = int(caches[0].get_seq_length()) == 0
+        elif cp is not None and cp.numel():
+            fresh = int(cp.reshape(-1)[0]) == 0
+        else:
+            fresh = kwargs.get("past_key_values") is None
+        self._call = {"fresh": fresh, "mask": kwargs.get("attention_mask")}
+        return None
+
+    def _gate_open(self, h) -> torch.Tensor:
+        """(B, T) bool: open from the first position matching a stored key on."""
+        s = self.keygate.match(h)
+        mask = self._call.get("mask")
+        fresh = self._call.get("fresh", True)
+        if mask is not None and mask.shape[-1] >= h.shape[1]:  # padding never matches
+            s = s.masked_fill(mask[:, -h.shape[1]:] == 0, -1.0)
+        hit = s >= self.keygate.radius
+        B = h.shape[0]
+        if fresh:
+            carry = torch.zeros(B, dtype=torch.bool, device=h.device)
+            qprev = torch.zeros(B, h.shape[-1], dtype=h.dtype, device=h.device)
+        else:
+            if self._carry is None or self._carry.shape[0] != B:
+                raise FactlabError("memory key gate: a cached continuation of a batch this "
+                                   "model did not see start (batch size changed)")
+            carry, qprev = self._carry, self._qstate
+        # the question's state: where the gate first opened (kept through generation)
+        first = hit.int().argmax(1)
+        qnew = h[torch.arange(B, device=h.device), first].detach()
+        self._qstate = torch.where(carry[:, None], qprev,
+                                   qnew * hit.any(1)[:, None].to(h.dtype))
+        run = (hit | carry[:, None]).int().cummax(dim=1).values.bool()
+        self._carry, self._score = run[:, -1], s
+        return run
+
+    def _bank_input(self, h):
+        """What a bank's query reads: the position's state, and with
+        ``query="state+question"`` the state of the question that opened the gate."""
+        if self.query != "state+question":
+            return h
+        q = self._qstate
+        if self.keygate.fitted:  # centred and whitened by the stored questions' statistics
+            q = (q.float() - self.keygate.mean) @ self.keygate.whiten
+            q = q * (self._qstate.abs().sum(-1, keepdim=True) > 0)  # closed rows stay zero
+        return torch.cat([h, q[:, None].expand(-1, h.shape[1], -1).to(h.dtype)], -1)
+
+    def _key_state(self, module, args, output):
+        """The key layer's output, where no bank sits: read it (capture, gate), change
+        nothing."""
+        h = output[0] if isinstance(output, tuple) else output
+        if self._capture is not None:
+            self._capture.append(h.detach())
+            raise _Captured  # the rest of the forward is not needed
+        self._open = self._gate_open(h)
+        return None
 
     def _add(self, i, module, args, output):
         h = output[0] if isinstance(output, tuple) else output
+        if self.keygate is not None and self.layers[i] == self.key_layer:
+            self._key_state(module, args, output)
+        h2 = self._with_bank(i, h)
+        if h2 is None:
+            return None
+        return (h2,) + tuple(output[1:]) if isinstance(output, tuple) else h2
+
+    def _head_in(self, i, module, args):
+        """A bank at the output head's input (after the final norm): its output moves the
+        logits directly, unbounded by the final norm."""
+        if not self._active:
+            return None
+        h2 = self._with_bank(i, args[0])
+        return None if h2 is None else (h2,) + tuple(args[1:])
+
+    def _with_bank(self, i, h):
+        """``h`` plus bank ``i``'s output (None: unchanged)."""
         bank = self.banks[i]
+        open_ = None
+        if self.keygate is not None:
+            open_ = self._open[:, -h.shape[1]:]  # the head may see the last positions only
+        x = self._bank_input(h) if open_ is not None else h
         if self.record_routes:
-            m, scores, idx = bank(h, return_route=True)
+            m, scores, idx = bank(x, return_route=True)
             self.last_route[i] = (scores.detach(), idx.detach())
+            if open_ is not None:
+                m = m * open_[..., None]
+        elif open_ is not None:
+            if not bool(open_.any()):
+                return None  # closed everywhere: the backbone's output, untouched
+            sel = open_.reshape(-1).nonzero().squeeze(-1)
+            flat = x.reshape(-1, x.shape[-1])
+            m = torch.zeros(flat.shape[0], bank.d_out, dtype=h.dtype, device=h.device)
+            m = m.index_copy(0, sel, bank(flat.index_select(0, sel)).to(h.dtype))
+            m = m.view(*h.shape[:-1], bank.d_out)
         else:
             m = bank(h)
         if self.gate:
             m = m * torch.sigmoid(self.gates[i](h.to(self.gates[i].weight.dtype)))
-        h = h + m.to(h.dtype)
-        return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+        return h + m.to(h.dtype)
+
+    # ------------------------------------------------------------------ the key gate
+    def _question_states(self, enc, batch_size: int = 256) -> torch.Tensor:
+        """The key layer's state at the last prompt token of every encoded question
+        (the banks closed while it is read), (Q, d)."""
+        out = []
+        self._capture = []
+        try:
+            with torch.no_grad():
+                for s in range(0, len(enc), batch_size):
+                    idx = range(s, min(len(enc), s + batch_size))
+                    prompts = [enc.example(q)[:int(enc.answer_start[q])] for q in idx]
+                    L = max(len(p) for p in prompts)
+                    x = torch.zeros(len(prompts), L, dtype=torch.long)
+                    am = torch.zeros(len(prompts), L, dtype=torch.long)
+                    for r, p in enumerate(prompts):  # right-padded: causal, pads after
+                        x[r, :len(p)] = torch.from_numpy(p.astype("int64"))
+                        am[r, :len(p)] = 1
+                    self._capture = []
+                    try:
+                        self.forward(input_ids=x.to(self.device),
+                                     attention_mask=am.to(self.device))
+                    except _Captured:
+                        pass
+                    h = self._capture[0]
+                    last = torch.tensor([len(p) - 1 for p in prompts], device=h.device)
+                    out.append(h[torch.arange(len(prompts), device=h.device), last].float())
+        finally:
+            self._capture = None
+        return torch.cat(out) if out else torch.zeros(0, self.config.hidden_size)
+
+    def write_keys(self, enc, only_new: bool = True) -> int:
+        """Store the questions of ``enc`` (an ``EncodedQA``) in the key gate; with
+        ``only_new`` a question already stored (cosine > 1 - 1e-5) is not stored twice.
+        Returns how many keys were added."""
+        if self.keygate is None:
+            raise FactlabError("write_keys: this memory model has no key gate (gate='keys')")
+        h = self._question_states(enc)
+        if not self.keygate.fitted and len(h) >= 16:
+            self.keygate.fit(h)  # once: later writes keep the earlier facts' queries
+        if only_new and len(self.keygate):
+            h = h[self.keygate.match(h) < 1 - 1e-5]
+        self.keygate.add(h)
+        return int(h.shape[0])
+
+    def question_scores(self, enc) -> np.ndarray:
+        """For every encoded question: the nearest stored key's cosine to its state (1 for
+        a stored question asked as stored). The bank's confidence that it holds it."""
+        if self.keygate is None:
+            raise FactlabError("question_scores: this memory model has no key gate")
+        return self.keygate.match(self._question_states(enc)).cpu().numpy()
+
+    @property
+    def radius(self) -> float | None:
+        return None if self.keygate is None else self.keygate.radius
+
+    @radius.setter
+    def radius(self, r: float) -> None:
+        if self.keygate is None:
+            raise FactlabError("radius: this memory model has no key gate")
+        self.keygate.radius = float(r)
 
     # --------------------------------------------------------------- parameter groups
     def value_parameters(self) -> list[nn.Parameter]:
@@ -129,4 +330,6 @@ class MemoryModel(FrozenBackbone):
 
     # -------------------------------------------------------------------- persistence
     def wrapper_config(self) -> dict:
-        return {"layers": self.layers, "gate": self.gate, "seed": self.seed, **self.kw}
+        return {"layers": self.layers, "gate": self.gate_kind or False, "seed": self.seed,
+                "radius": self.radius if self.keygate is not None else 0.98,
+                "query": self.query, **self.kw}

@@ -8,7 +8,9 @@ max-token NLL and whether every answer token is its position's argmax
 is below ``tau`` and every token is the argmax (exactly: greedy decoding reproduces the
 answer's tokens). The sampler (``next_batch``, deterministic in the step and the saved
 flags) draws facts that are not done, and revisits done ones at rate ``revisit`` so that
-they stay done (a revisited fact that slipped is marked not done again). The run stops
+they stay done (a revisited fact that slipped is marked not done again); when fewer facts
+are left than a batch holds, the batch shrinks (``shrink``) to them plus their share of
+revisits, instead of filling up with done facts. The run stops
 (``loop.stop()``) when every fact is done, or at the step budget. Exposures per fact are
 counted. Flags set from training batches describe the model *before* each update, and a
 later update can undo an earlier fact; so when every flag says done, all facts are scored
@@ -16,6 +18,10 @@ again on the current model (teacher-forced, ``factlab.evaluate.score``: cheap, n
 generation) and the run stops only if they still all are; otherwise the slipped facts go
 back into the sampler. State (flags, exposures, last NLL) is plugin state: a killed run
 resumes exactly.
+
+With a key gate (``MemoryModel(gate="keys")``) the facts' questions are written into the
+gate's codebook at setup (those not already there), so the banks act on them and on
+nothing else.
 
 Parameter groups: the value rows (sparse, by the sparse-row optimizer at ``value_lr``),
 the routers (dense, ``router_lr``; frozen from the start with ``hash`` routing and after
@@ -39,7 +45,8 @@ class MemoryTuning(Plugin):
     def __init__(self, facts, seq_len: int, pad_id: int, *, tau: float = 0.05,
                  revisit: float = 0.1, value_lr: float = 0.05, router_lr: float = 1e-3,
                  gate_lr: float = 1e-3, pin_steps: int = 200, seed: int = 0,
-                 negatives=None, negative_fraction: float = 0.0, minutes: float | None = None):
+                 negatives=None, negative_fraction: float = 0.0, minutes: float | None = None,
+                 shrink: bool = True):
         if not tau > 0:
             raise FactlabError(f"memory tuning: tau must be > 0, got {tau}")
         if not 0 <= revisit < 1 or not 0 <= negative_fraction < 1:
@@ -57,6 +64,7 @@ class MemoryTuning(Plugin):
         self.tau, self.revisit, self.seed = float(tau), float(revisit), int(seed)
         self.value_lr, self.router_lr, self.gate_lr = value_lr, router_lr, gate_lr
         self.pin_steps = int(pin_steps)
+        self.shrink = bool(shrink)
         self.minutes, self._t0 = minutes, None  # a wall-time budget for the tuning
         self.negatives, self.negative_fraction = negatives, float(negative_fraction)
         n = len(lens)
@@ -73,6 +81,8 @@ class MemoryTuning(Plugin):
 
         if not isinstance(loop.model, MemoryModel):
             raise FactlabError(f"MemoryTuning trains a MemoryModel, got {type(loop.model).__name__}")
+        if loop.model.keygate is not None:  # deterministic: a resumed run writes the same
+            loop.model.write_keys(self.facts)
 
     def trainable(self, loop):
         m = loop.model
@@ -91,10 +101,12 @@ class MemoryTuning(Plugin):
         """(positions of the facts of this step's batch, how many negatives to add)."""
         g = np.random.default_rng([self.seed, step])
         neg = int(g.binomial(n, self.negative_fraction)) if self.negative_fraction else 0
-        m = n - neg
         todo, done = np.flatnonzero(~self.done), np.flatnonzero(self.done)
+        m = n - neg
+        if len(todo) and self.shrink:  # few facts left: a smaller batch, not one of revisits
+            m = max(1, min(m, int(np.ceil(len(todo) / (1 - self.revisit)))))
         k_re = int(g.binomial(m, self.revisit)) if len(done) else 0
-        k_re = max(k_re, m - len(todo))
+        k_re = max(k_re, m - len(todo)) if len(done) else 0  # none done: a smaller batch
         pick = [g.choice(todo, min(m - k_re, len(todo)), replace=False)] if len(todo) else []
         if k_re:
             pick.append(g.choice(done, k_re, replace=k_re > len(done)))
@@ -162,6 +174,10 @@ class MemoryTuning(Plugin):
                 loop.stop()
         logs["facts_done"] = int(self.done.sum())
         logs["exposures_mean"] = float(self.exposures.mean())
+
+    def progress_text(self) -> str:
+        return (f"facts {int(self.done.sum())}/{len(self.done)} "
+                f"exposures {self.exposures.mean():.1f}/fact")
 
     def summary(self) -> dict:
         return {"facts": int(len(self.done)), "done": int(self.done.sum()),

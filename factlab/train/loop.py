@@ -345,7 +345,9 @@ class Loop:
                     self._log(logs)
                 if bar is not None:
                     bar[0].update(bar[1], advance=1, loss=f"{loss_sum:.3f}",
-                                  tps=f"{logs.get('tokens_per_s', 0):,.0f}")
+                                  tps=f"{logs.get('tokens_per_s', 0):,.0f}",
+                                  extra=" ".join(t for t in (pl.progress_text()
+                                                             for pl in self.plugins) if t))
                 if stop:
                     self.stopped = True
                     break
@@ -423,9 +425,11 @@ class Loop:
 
         prog = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"),
-                        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
+                        TextColumn("{task.fields[tps]} tok/s"), TextColumn("{task.fields[extra]}"),
+                        TimeElapsedColumn(),
                         TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-        task = prog.add_task(self.name, total=self.cfg.steps, completed=start, loss="-", tps="-")
+        task = prog.add_task(self.name, total=self.cfg.steps, completed=start, loss="-", tps="-",
+                             extra="")
         prog.start()
         return prog, task
 

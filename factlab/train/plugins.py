@@ -51,6 +51,10 @@ from factlab.errors import FactlabError
 class Plugin:
     name = "plugin"
 
+    def progress_text(self) -> str:
+        """A few words the progress bar shows after each step (e.g. facts done)."""
+        return ""
+
     def setup(self, loop) -> None: ...
 
     def trainable(self, loop):

@@ -1,0 +1,80 @@
+"""Facts to store in a memory: generated random facts, a world's facts, a user's fact file.
+
+Everything here returns a :class:`factlab.text.qa.QA` (questions, answers, which entity and
+attribute each is about), the shape the encoder, the evaluator and the scorer read.
+
+- :func:`random_answers`: seeded random strings (the random-label experiment's 32 upper-case
+  letters and digits, e.g. ``OKCNLRZ0JTVT1SFNEMYJYM7UDTDQPKNQ``);
+- :func:`fresh_names`: full names from a world's name pools that no one in it (people,
+  unknown people) has, so a fact about them is new to the backbone;
+- :func:`attribute_facts`: "What is the {attribute} of {name}?" for names and answers;
+- :func:`file_facts`: a user's fact file (``factlab.world.facts``: entity, attribute, value
+  rows), asked with the same generic question.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from factlab.errors import FactlabError
+from factlab.text.qa import QA
+
+ALPHABET = tuple("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789")
+QUESTION = "What is the {attribute} of {name}?"
+
+
+def random_answers(n: int, seed: int, length: int = 32, alphabet=ALPHABET) -> list[str]:
+    if n < 0 or length < 1:
+        raise FactlabError(f"random answers: need n >= 0 and length >= 1, got {n}, {length}")
+    g = np.random.default_rng([seed, 32])
+    a = np.asarray(alphabet)
+    return ["".join(row) for row in a[g.integers(0, len(a), (n, length))]]
+
+
+def fresh_names(world, n: int, seed: int, exclude=()) -> list[str]:
+    """``n`` distinct names drawn from ``world.names`` (its pools) that are neither a
+    person's, an unknown person's nor in ``exclude``."""
+    pools = world.names
+    taken = set(world.people.names) | set(world.unknown.names) | set(exclude)
+    if n > pools.capacity - len(taken):
+        raise FactlabError(f"fresh names: the world's name pools hold {pools.capacity} names, "
+                           f"{len(taken)} taken; cannot draw {n} more")
+    g = np.random.default_rng([seed, 33])
+    out: list[str] = []
+    seen = set(taken)
+    while len(out) < n:
+        for nm in pools.names(g.integers(0, pools.capacity, 2 * (n - len(out)) + 8)):
+            if nm not in seen:
+                seen.add(nm)
+                out.append(nm)
+                if len(out) == n:
+                    break
+    return out
+
+
+def attribute_facts(names, answers, attribute: str = "access code",
+                    question: str = QUESTION) -> QA:
+    names, answers = list(names), list(answers)
+    if len(names) != len(answers):
+        raise FactlabError(f"facts: {len(names)} names but {len(answers)} answers")
+    return QA(person=np.arange(len(names), dtype=np.int32),
+              attribute=np.zeros(len(names), np.int16),
+              template=np.zeros(len(names), np.int16),
+              question=[question.format(attribute=attribute, name=nm) for nm in names],
+              answer=answers, attributes=(attribute,), heldout=False)
+
+
+def file_facts(path, question: str = QUESTION) -> tuple[QA, list[str]]:
+    """A fact file's rows as questions (and the entity names, by ``QA.person``)."""
+    from factlab.world.facts import read_facts
+
+    entities, attributes, facts = read_facts(path)
+    index = {e: i for i, e in enumerate(entities)}
+    akey = {a: j for j, a in enumerate(attributes)}
+    rows = sorted(facts.items(), key=lambda kv: (index[kv[0][0]], akey[kv[0][1]]))
+    return QA(person=np.array([index[e] for (e, _), _ in rows], np.int32),
+              attribute=np.array([akey[a] for (_, a), _ in rows], np.int16),
+              template=np.zeros(len(rows), np.int16),
+              question=[question.format(attribute=a, name=e) for (e, a), _ in rows],
+              answer=[v for _, v in rows], attributes=tuple(attributes),
+              heldout=False), list(entities)

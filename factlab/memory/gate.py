@@ -1,0 +1,101 @@
+"""The key gate: the memory acts only on questions it holds.
+
+An always-on bank changes the backbone's answers everywhere (``docs/memory.md``: 0-1% of
+held-out answers unchanged whatever the routing). The key gate is a codebook of the
+backbone's own states at the end of each stored question (GRACE's deferral radius, and
+Lamini's reference code's one key per fact): at every position the gate reads the nearest
+stored key's cosine to the hidden state there; once a position of a sequence matches
+(cosine >= ``radius``) the gate stays open for the rest of the sequence, so the answer
+tokens that follow the stored question go through the bank and nothing else does. Closed,
+the wrapped model is the backbone bit for bit (the bank's output is not added at all).
+
+The gate is not trained and holds no values: the product-key bank still stores every
+answer; the codebook only decides *whether* to read it. It costs ``facts x width`` floats
+and one matrix product per position (exhaustive: fine up to ~10^5 stored questions on a
+CPU; beyond that an approximate index is the option to add). The nearest-key cosine is
+also the bank's confidence that it holds a question (``MemoryModel.question_scores``), the
+score abstention is read from.
+
+Which radius: chosen on validation prompts the bank must leave alone (never-stored names,
+other attributes of stored names, the backbone's own questions) by :func:`pick_radius`,
+never on the prompts that are reported.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from factlab.errors import FactlabError
+
+
+class KeyGate(nn.Module):
+    def __init__(self, dim: int, radius: float = 0.98):
+        super().__init__()
+        if not -1.0 < radius <= 1.0:
+            raise FactlabError(f"key gate: radius must be in (-1, 1], got {radius}")
+        self.radius = float(radius)
+        self.register_buffer("keys", torch.zeros(0, dim))
+        # statistics of the questions first stored: the bank's query reads the question's
+        # state centred and whitened by them (questions of one template share most of
+        # their state; a random query projection of the raw states would send different
+        # facts to the same slots)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("whiten", torch.zeros(dim, dim))
+
+    @property
+    def fitted(self) -> bool:
+        return bool(self.whiten.abs().sum() > 0)
+
+    def fit(self, states: torch.Tensor, shrink: float = 0.1) -> None:
+        """Centre and whiten (PCA, eigenvalues shrunk towards their mean by ``shrink``)
+        by these states' statistics; the whitened states have unit mean square norm per
+        dimension."""
+        x = states.detach().float()
+        mu = x.mean(0)
+        cov = torch.cov((x - mu).T) if len(x) > 1 else torch.eye(x.shape[1])
+        ev, vec = torch.linalg.eigh(cov)
+        ev = (1 - shrink) * ev.clamp_min(0) + shrink * ev.clamp_min(0).mean() + 1e-8
+        self.mean = mu.to(self.mean.device)
+        self.whiten = (vec / ev.sqrt()).to(self.whiten.device)
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def add(self, states: torch.Tensor) -> None:
+        """Store the (n, dim) states as keys (L2-normalised, fp32)."""
+        k = F.normalize(states.detach().float(), dim=-1).to(self.keys.device)
+        self.keys = torch.cat([self.keys, k])
+
+    def clear(self) -> None:
+        self.keys = self.keys[:0]
+
+    def match(self, h: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """The nearest stored key's cosine for every row of ``h`` (..., dim): (...,) fp32;
+        -1 where nothing is stored."""
+        lead = h.shape[:-1]
+        x = F.normalize(h.reshape(-1, h.shape[-1]).float(), dim=-1)
+        if not len(self):
+            return torch.full(lead, -1.0, device=h.device)
+        best = torch.full((x.shape[0],), -1.0, device=h.device)
+        for s in range(0, len(self), chunk):
+            best = torch.maximum(best, (x @ self.keys[s:s + chunk].T).amax(-1))
+        return best.view(lead)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
+        k = state_dict.get(prefix + "keys")
+        if k is not None:  # the codebook's size is the saved one
+            self.keys = torch.empty_like(k, device=self.keys.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kw)
+
+
+def pick_radius(negative_scores, margin: float = 0.5) -> float:
+    """A radius between the highest nearest-key cosine of validation questions the bank
+    must not answer and 1 (a stored question's own score): ``max + margin * (1 - max)``."""
+    s = np.asarray(negative_scores, dtype=np.float64)
+    if not len(s):
+        raise FactlabError("pick_radius: no validation scores")
+    top = float(s.max())
+    return float(min(1.0, top + margin * (1.0 - top)))

@@ -1,0 +1,432 @@
+"""``factlab memory tune``: store facts in a memory bank on a frozen model, and measure it.
+
+One run: facts (a user's fact file, or generated random ones) -> a ``MemoryModel`` on the
+backbone -> ``MemoryTuning`` on the one loop until every fact is done (or the budget ends)
+-> the editing metrics, generation-based, with teacher-forced numbers beside:
+
+- **reliability**: greedy exact match on the stored questions, after all writes;
+- **locality**: answers recorded from the backbone **before** the write, compared after, on
+  (a) the world's own questions (its held-out people's among them: the backbone's OOD
+  accuracy before / after), (b) the stored relations asked about names never stored,
+  (c) the world's attributes asked about the stored entities;
+- **unknown-entity hallucination** on (b): how often the model answers, and how often with
+  another entity's stored value;
+- **abstention**: the key gate's nearest-stored-key cosine as a confidence; AUROC stored vs
+  never stored;
+- the bank holds the facts: recall with the bank's values zeroed;
+- exposures per fact, slot sharing, bank bytes, tuning and evaluation times (separate).
+
+Each locality set is split in two by position (even: validation, odd: test). The key
+gate's radius is chosen on the validation halves (``pick_radius``) and every locality
+number reported is on the test halves: settings are never chosen on what is reported.
+Without a world there is no locality set, and the radius is ``cfg.radius`` (default 0.98).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field
+
+from factlab.config import Strict
+from factlab.errors import FactlabError
+from factlab.io import atomic_write_text
+
+
+class MemorySettings(Strict):
+    # the bank (defaults measured on the quickstart backbone: docs/memory.md)
+    n_keys: int = Field(256, ge=2, description="sub-keys per half: n_keys^2 slots")
+    heads: int = Field(4, ge=1)
+    topk: int = Field(8, ge=1)
+    key_dim: int = Field(64, ge=2)
+    layers: list[int | str] | None = None  # None: the head's input (key gate), see model
+    routing: str = "pinned"
+    pin_steps: int = Field(200, ge=0)
+    gate: str = "keys"  # keys | learned | none
+    radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
+    radius_margin: float = Field(0.5, gt=0, le=1)
+    # tuning
+    value_lr: float = Field(0.5, gt=0)
+    router_lr: float = Field(3e-4, gt=0)
+    sparse_optimizer: str = "sparse_adam"
+    tau: float = Field(0.05, gt=0)
+    revisit: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(32, ge=1)
+    minutes: float = Field(10.0, gt=0, description="wall-time budget of the tuning")
+    max_exposures: int = Field(300, ge=1, description="step budget: exposures per fact")
+    seed: int = 0
+    eval_batch_size: int = Field(128, ge=1)
+    # baselines on the same facts, same exposure budget as the memory used (not tuned to
+    # their own best): LoRA with the paper's recipe (r 32, Adafactor, lr 2e-4), full
+    # finetuning (AdamW)
+    baselines: list[str] = []  # lora | full
+    lora_lr: float = Field(2e-4, gt=0)
+    full_lr: float = Field(3e-4, gt=0)
+    locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
+
+
+def _available_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
+    """Bytes the banks and their optimizer state need; a clear error if this machine's
+    free memory cannot hold them."""
+    from factlab.memory.bank import bank_bytes
+
+    opt = {"sparse_adam": "sparse_adam", "row_adagrad": "row_adagrad", "sgd": "sgd"}[
+        cfg.sparse_optimizer]
+    q_in = 2 * width if cfg.gate == "keys" else width
+    one = bank_bytes(cfg.n_keys ** 2, width, heads=cfg.heads, key_dim=cfg.key_dim, d_in=q_in,
+                     n_keys=cfg.n_keys, optimizer=opt)
+    need = {k: v * n_banks for k, v in one.items()}
+    free = _available_bytes()
+    if free is not None and need["total"] > 0.8 * free:
+        raise FactlabError(
+            f"memory bank: {n_banks} bank(s) of {cfg.n_keys ** 2:,} slots x {width} need "
+            f"{need['total'] / 2**30:.2f} GiB with their {cfg.sparse_optimizer} state; this "
+            f"machine has {free / 2**30:.2f} GiB free (lower n_keys, or use row_adagrad)")
+    return need
+
+
+def _half(qa, parity: int, cap: int):
+    from factlab.text.qa import QA
+
+    idx = np.arange(parity, len(qa), 2)[: cap // 2]
+    return QA(person=np.asarray(qa.person)[idx], attribute=np.asarray(qa.attribute)[idx],
+              template=np.asarray(qa.template)[idx], question=[qa.question[i] for i in idx],
+              answer=[qa.answer[i] for i in idx], attributes=qa.attributes,
+              heldout=qa.heldout), idx
+
+
+def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
+    """The three locality sets of a world (see the module doc), before splitting."""
+    from factlab.memory.facts import attribute_facts, fresh_names, random_answers
+    from factlab.text.qa import QA
+
+    own = corpus.qa()
+    g = np.random.default_rng([seed, 35])
+    order = g.permutation(len(own))[:cap]
+    own = QA(person=np.asarray(own.person)[order], attribute=np.asarray(own.attribute)[order],
+             template=np.asarray(own.template)[order],
+             question=[own.question[i] for i in order], answer=[own.answer[i] for i in order],
+             attributes=own.attributes, heldout=False)
+    others = fresh_names(corpus.world, min(cap, 4 * len(names) + 8), seed + 1, exclude=names)
+    attrs = list(facts.attributes)
+    nq = min(cap, len(others))
+    never = attribute_facts(others[:nq], random_answers(nq, seed + 2, 8))
+    if len(attrs) > 1 or attrs[0] != "access code":
+        never = QA(person=np.arange(nq, dtype=np.int32),
+                   attribute=np.zeros(nq, np.int16), template=np.zeros(nq, np.int16),
+                   question=[facts.question[i % len(facts)].replace(
+                       names[int(facts.person[i % len(facts)])], others[i]) for i in range(nq)],
+                   answer=["-"] * nq, attributes=("stored relation",), heldout=False)
+    # the world's questions about its people, asked about the stored entities instead
+    people = corpus.people.names
+    q = []
+    for i in range(min(cap, len(own))):
+        src = people[int(own.person[i])]
+        q.append(own.question[i].replace(src, names[i % len(names)]))
+    about = QA(person=np.arange(len(q), dtype=np.int32), attribute=own.attribute[:len(q)],
+               template=np.zeros(len(q), np.int16), question=q, answer=["-"] * len(q),
+               attributes=own.attributes, heldout=False)
+    return {"own": own, "never_stored": never, "stored_entities": about}
+
+
+def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
+    import torch
+
+    out: list[set] = []
+    for s in range(0, len(enc), batch):
+        idx = list(range(s, min(len(enc), s + batch)))
+        rows = [enc.example(q).astype(np.int64) for q in idx]
+        L = max(len(r) for r in rows)
+        x = torch.zeros(len(rows), L, dtype=torch.long)
+        for r, ids in enumerate(rows):
+            x[r, :len(ids)] = torch.from_numpy(ids)
+        routes = model.routes(x.to(model.device))
+        for r, q in enumerate(idx):
+            a, n = int(enc.answer_start[q]) - 1, len(rows[r]) - 1  # positions predicting answers
+            slots = set()
+            for b, ix in routes.items():
+                slots.update((b * 10**9 + ix[r, a:n]).reshape(-1).tolist())
+            out.append(slots)
+    return out
+
+
+def _evaluate_after(model, tok, facts, halves, before, corpus, cfg) -> dict:
+    """Reliability and the locality sets' numbers for any model after the write."""
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.memory import metrics as M
+
+    met, recs = evaluate_qa(model, tok, facts, batch_size=cfg.eval_batch_size)
+    res = {"reliability": met["exact_match"], "locality": {}, "_records": recs}
+    for k, (_, te) in halves.items():
+        _, after = evaluate_qa(model, tok, te[0], batch_size=cfg.eval_batch_size)
+        row = {"prompts": len(after),
+               "unchanged": M.locality([r["prediction"] for r in before[k]],
+                                       [r["prediction"] for r in after])}
+        if k == "own":
+            split = np.asarray(corpus.split)[np.asarray(te[0].person)]
+            for name, sel in (("ood", split == 1), ("id", split == 0)):
+                if sel.any():
+                    row[f"{name}_before"] = float(np.mean([r["correct"] for r, s in
+                                                           zip(before[k], sel) if s]))
+                    row[f"{name}_after"] = float(np.mean([r["correct"] for r, s in
+                                                          zip(after, sel) if s]))
+        if k == "never_stored":
+            vals = list(facts.answer)
+            row["hallucination_before"] = M.unknown_hallucination(
+                [r["prediction"] for r in before[k]], vals)
+            row["hallucination_after"] = M.unknown_hallucination(
+                [r["prediction"] for r in after], vals)
+        res["locality"][k] = row
+    return res
+
+
+def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, before, corpus,
+              out, progress) -> dict:
+    """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps."""
+    from factlab.model.load import load_any
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+    from factlab.train.plugins import LoRA
+
+    if kind not in ("lora", "full"):
+        raise FactlabError(f"memory baselines: {kind!r} is not lora or full")
+    model = load_any(model_path)
+    plugins = [LoRA(r=32, r_embed=0, export="adapter")] if kind == "lora" else []
+    tcfg = TrainConfig(steps=max(1, steps), batch_size=cfg.batch_size, precision="no",
+                       lr=cfg.lora_lr if kind == "lora" else cfg.full_lr,
+                       optimizer="adafactor" if kind == "lora" else "adamw",
+                       weight_decay=0.0, schedule="constant", log_every=50, seed=cfg.seed)
+    t0 = time.perf_counter()
+    loop = Loop(model, QAStream(enc, longest, tok.pad_token_id, pack=False), tcfg,
+                out / f"baseline_{kind}", plugins=plugins, progress=progress,
+                name=kind, export=False, keep_checkpoint=False)
+    loop.run()
+    tuned = time.perf_counter() - t0
+    m = loop.model
+    m.eval()
+    trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
+    row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg)
+    row.pop("_records")
+    return {**row, "steps": tcfg.steps, "tuning_s": tuned, "trainable_parameters": trainable,
+            "final_loss": loop.history[-1].get("loss") if loop.history else None}
+
+
+def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: MemorySettings,
+                *, corpus=None, progress: bool = True, run_id: dict | None = None,
+                replace: bool = False) -> dict:
+    """Store ``facts`` (a ``text.qa.QA``; ``names[facts.person[i]]`` is the entity of fact
+    i) in a memory on the model at ``model_path``; check everything first, then write
+    ``out/model`` (the wrapper),
+    ``out/results.json``, ``out/report.md`` and the predictions; return the results."""
+    import torch
+
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.evaluate.score import score_encoded
+    from factlab.memory import metrics as M
+    from factlab.memory.gate import pick_radius
+    from factlab.memory.model import MemoryModel, decoder_layers
+    from factlab.memory.tune import MemoryTuning
+    from factlab.model.load import load_any
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.tokens.tokenizer import load_tokenizer
+    from factlab.train import Loop, TrainConfig
+
+    out = Path(out)
+    if len(facts) == 0:
+        raise FactlabError("memory tune: no facts")
+    tok = load_tokenizer(tokenizer_path)
+    backbone = load_any(model_path)
+    ctx = int(getattr(backbone.config, "max_position_embeddings", 0) or 0)
+    enc = encode_qa(tok, facts)
+    longest = int(enc.lengths.max())
+    if ctx and longest > ctx:
+        q = int(np.argmax(enc.lengths))
+        raise FactlabError(f"memory tune: fact {q} ({facts.question[q]!r}) is {longest} tokens "
+                           f"with its answer, longer than the model's context ({ctx})")
+    n_banks = len(cfg.layers) if cfg.layers else 1 if cfg.gate == "keys" else \
+        len(decoder_layers(backbone))
+    need = check_bank_fits(cfg, backbone.config.hidden_size, n_banks)
+    # everything checked: now the run directory (``run_id`` marks it: the same run again
+    # resumes from the loop's checkpoint)
+    if replace and out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if run_id is not None:
+        atomic_write_text(out / "memory_run.json", json.dumps(run_id, indent=1) + "\n")
+    res: dict = {"settings": cfg.model_dump(), "facts": len(facts), "model": str(model_path),
+                 "bank_bytes": need, "timing_s": {}}
+    # ---- before any write: the backbone's answers on the locality sets
+    t0 = time.perf_counter()
+    loc = locality_sets(corpus, facts, names, cfg.seed, cfg.locality_per_set) if corpus else {}
+    halves = {k: (_half(v, 0, len(v)), _half(v, 1, len(v))) for k, v in loc.items()}
+    before = {k: evaluate_qa(backbone, tok, te[0], batch_size=cfg.eval_batch_size)[1]
+              for k, (_, te) in halves.items()}
+    base_recall = evaluate_qa(backbone, tok, facts, batch_size=cfg.eval_batch_size)[0]
+    res["timing_s"]["before"] = time.perf_counter() - t0
+    # ---- the memory, its keys, the radius (validation halves only)
+    m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
+                    key_dim=cfg.key_dim, layers=cfg.layers, routing=cfg.routing,
+                    gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
+                    radius=cfg.radius or 0.98, backbone_path=str(model_path))
+    if m.keygate is not None:
+        m.write_keys(enc)
+        if cfg.radius is None and halves:
+            val = np.concatenate([m.question_scores(encode_qa(tok, va[0]))
+                                  for va, _ in halves.values()])
+            m.radius = pick_radius(val, cfg.radius_margin)
+        res["radius"] = m.radius
+    # ---- tuning
+    plug = MemoryTuning(enc, longest, tok.pad_token_id, tau=cfg.tau, revisit=cfg.revisit,
+                        value_lr=cfg.value_lr, router_lr=cfg.router_lr, pin_steps=cfg.pin_steps,
+                        seed=cfg.seed, minutes=cfg.minutes)
+    steps = max(1, math.ceil(cfg.max_exposures * len(facts) / cfg.batch_size))
+    tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, log_every=50, precision="no",
+                       schedule="constant", clip=0, sparse_optimizer=cfg.sparse_optimizer,
+                       seed=cfg.seed)
+    t0 = time.perf_counter()
+    loop = Loop(m, QAStream(enc, longest, tok.pad_token_id, pack=False), tcfg, out, plugins=[plug],
+                tokenizer=tok, progress=progress, name="memory")
+    loop.run()
+    res["timing_s"]["tuning"] = time.perf_counter() - t0
+    res["tuning"] = {**plug.summary(), "steps": loop.history[-1]["step"] if loop.history else 0,
+                     "all_done": bool(plug.done.all())}
+    # ---- after: generation first, teacher-forced beside
+    t0 = time.perf_counter()
+    m.eval()
+    after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg)
+    recs = after.pop("_records")
+    correct = np.array([r["correct"] for r in recs])
+    sc = score_encoded(m, enc, batch_size=cfg.eval_batch_size)
+    res["reliability"] = {"generation_exact_match": after["reliability"],
+                          "teacher_forced_all_argmax": float(sc.all_argmax.mean()),
+                          "backbone_before": base_recall["exact_match"],
+                          "measured": "after all writes"}
+    res["recall_by_max_nll"] = M.recall_by_nll(sc.max_nll, correct)
+    res["reliable_below_nll"] = M.reliable_below(sc.max_nll, correct)
+    res["locality"] = after["locality"]
+    if m.keygate is not None:
+        pos = m.question_scores(enc)
+        neg = np.concatenate([m.question_scores(encode_qa(tok, te[0]))
+                              for _, te in halves.values()]) if halves else np.zeros(0)
+        res["abstention"] = {"score": "nearest stored key cosine (key gate)",
+                             "auroc_stored_vs_never_stored": M.auroc(pos, neg),
+                             "stored_min": float(pos.min()),
+                             "never_stored_max": float(neg.max()) if len(neg) else None}
+    try:
+        res["slot_sharing"] = M.slot_sharing(_routes_per_fact(m, enc))
+    except Exception as e:  # noqa: BLE001 - a report line, not a failure
+        res["slot_sharing"] = {"error": str(e)}
+    # the bank holds the facts: zero its values and recall falls to the backbone's
+    saved = [p.detach().clone() for p in m.value_parameters()]
+    m.zero_bank()
+    res["reliability"]["bank_zeroed"] = evaluate_qa(m, tok, facts,
+                                                    batch_size=cfg.eval_batch_size)[0]["exact_match"]
+    with torch.no_grad():
+        for p, v in zip(m.value_parameters(), saved):
+            p.copy_(v)
+    res["timing_s"]["evaluation_after"] = time.perf_counter() - t0
+    res["parameters"] = {"added": sum(p.numel() for p in m.parameters()),
+                         "trained_at_end": sum(p.numel() for p in m.parameters()
+                                               if p.requires_grad),
+                         "backbone": sum(p.numel() for p in backbone.parameters())}
+    # ---- baselines: the same facts, the memory's exposure budget
+    budget = int(np.ceil(plug.exposures.sum() / cfg.batch_size))
+    res["baselines"] = {k: _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
+                                     halves, before, corpus, out, progress)
+                        for k in cfg.baselines}
+    # ---- write
+    lines = "".join(json.dumps({**r, "name": names[int(r["person"])]}) + "\n" for r in recs)
+    atomic_write_text(out / "predictions_facts.jsonl", lines)
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1, default=float) + "\n")
+    atomic_write_text(out / "report.md", report(res))
+    return res
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def report(res: dict) -> str:
+    t, r = res["tuning"], res["reliability"]
+    s = res["settings"]
+    lines = [f"# Memory tuning: {res['facts']:,} facts on {res['model']}", "",
+             f"Bank: {s['n_keys'] ** 2:,} slots, {s['heads']} heads x top-{s['topk']}, "
+             f"routing {s['routing']}, gate {s['gate']}"
+             + (f" (radius {res['radius']:.4f}, chosen on validation prompts)"
+                if "radius" in res else "")
+             + f"; values + optimizer state {res['bank_bytes']['total'] / 2**20:.1f} MiB.", "",
+             "| measure | value |", "|---|---|",
+             f"| reliability (greedy exact match, after all writes) | {_pct(r['generation_exact_match'])} |",
+             f"| reliability (teacher-forced: every answer token the argmax) | "
+             f"{_pct(r['teacher_forced_all_argmax'])} |",
+             f"| the backbone on the same questions, before | {_pct(r['backbone_before'])} |",
+             f"| recall with the bank's values zeroed | {_pct(r['bank_zeroed'])} |",
+             f"| facts done (max-token NLL < {s['tau']} and all argmax) | {t['done']:,} / "
+             f"{t['facts']:,} |",
+             f"| exposures per fact: mean / max | {t['exposures_mean']:.1f} / {t['exposures_max']} |",
+             f"| tuning steps / time | {t['steps']:,} / {res['timing_s']['tuning']:.0f} s |",
+             f"| evaluation time (before / after) | {res['timing_s']['before']:.0f} s / "
+             f"{res['timing_s']['evaluation_after']:.0f} s |"]
+    for k, row in res.get("locality", {}).items():
+        lines.append(f"| locality, {k.replace('_', ' ')} ({row['prompts']} test prompts): "
+                     f"answers unchanged | {_pct(row['unchanged'])} |")
+        if "ood_before" in row:
+            lines.append(f"| the backbone's held-out (OOD) accuracy before → after | "
+                         f"{_pct(row['ood_before'])} → {_pct(row['ood_after'])} |")
+        if "hallucination_after" in row:
+            hb, ha = row["hallucination_before"], row["hallucination_after"]
+            lines.append(f"| never-stored names: answered / with a stored value, before → after"
+                         f" | {_pct(hb['answered'])} / {_pct(hb['stored_value'])} → "
+                         f"{_pct(ha['answered'])} / {_pct(ha['stored_value'])} |")
+    if "abstention" in res:
+        lines.append(f"| abstention AUROC, stored vs never stored (key-gate score) | "
+                     f"{res['abstention']['auroc_stored_vs_never_stored']:.4f} |")
+    ss = res.get("slot_sharing", {})
+    if "slots_used" in ss:
+        lines.append(f"| slots used / facts per slot (mean, max) / facts sharing a slot | "
+                     f"{ss['slots_used']:,} / {ss['facts_per_slot_mean']:.2f}, "
+                     f"{ss['facts_per_slot_max']} / {ss['facts_sharing']:,} |")
+    if res.get("baselines"):
+        lines += ["", "Baselines on the same facts, with the memory's exposure budget "
+                      "(the same number of sequences; not tuned to their own best):", "",
+                  "| method | steps | time | trainable params | reliability | own questions "
+                  "unchanged | OOD before → after | never-stored unchanged | stored entities "
+                  "unchanged |", "|---|---|---|---|---|---|---|---|---|"]
+        own = res["locality"].get("own", {})
+        lines.append(f"| memory (this run) | {t['steps']:,} | {res['timing_s']['tuning']:.0f} s "
+                     f"| {res['parameters']['added']:,} added | "
+                     f"{_pct(r['generation_exact_match'])} | {_pct(own.get('unchanged'))} | "
+                     f"{_pct(own.get('ood_before'))} → {_pct(own.get('ood_after'))} | "
+                     f"{_pct(res['locality'].get('never_stored', {}).get('unchanged'))} | "
+                     f"{_pct(res['locality'].get('stored_entities', {}).get('unchanged'))} |")
+        for k, b in res["baselines"].items():
+            lo = b["locality"]
+            o = lo.get("own", {})
+            lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
+                         f"{b['trainable_parameters']:,} | {_pct(b['reliability'])} | "
+                         f"{_pct(o.get('unchanged'))} | {_pct(o.get('ood_before'))} → "
+                         f"{_pct(o.get('ood_after'))} | "
+                         f"{_pct(lo.get('never_stored', {}).get('unchanged'))} | "
+                         f"{_pct(lo.get('stored_entities', {}).get('unchanged'))} |")
+    lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after tuning):", "",
+              "| max-token NLL | facts | recall |", "|---|---|---|"]
+    for b in res["recall_by_max_nll"]:
+        if b["facts"]:
+            lines.append(f"| [{b['nll_from']:.3g}, {b['nll_to']:.3g}) | {b['facts']} | "
+                         f"{_pct(b['recall'])} |")
+    return "\n".join(lines) + "\n"

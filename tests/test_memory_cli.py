@@ -1,0 +1,99 @@
+"""`factlab memory tune / ask` end to end on a tiny model and world, the editing metrics
+as pure functions, and bad input (one error, exit 2, nothing written)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from factlab.corpus.store import save_world
+from factlab.memory import metrics as M
+from factlab.model.build import build_model
+from factlab.tokens.tokenizer import world_tokenizer
+
+from conftest import cli, make
+
+
+def test_auroc_locality_and_hallucination_metrics():
+    assert M.auroc([3, 4], [1, 2]) == 1.0 and M.auroc([1, 2], [3, 4]) == 0.0
+    assert M.auroc([1, 2], [1, 2]) == 0.5  # ties count half
+    assert M.auroc([0.9, 0.2], [0.5]) == 0.5
+    assert M.locality(["a", "b", "c", "d"], ["a", "x", "c", "d"]) == 0.75
+    h = M.unknown_hallucination([" AB12", "", "unknown", "zz"], ["AB12", "CD34"])
+    assert h == {"answered": 0.5, "stored_value": 0.25}
+    s = M.slot_sharing([{1, 2}, {2, 3}, {4}])
+    assert s["slots_used"] == 4 and s["shared_slots"] == 1 and s["facts_sharing"] == 2
+    assert M.reliable_below([0.01, 0.02, 0.5, 0.9], [True, True, False, True]) == 0.5
+    assert M.reliable_below([0.5], [False]) is None
+    assert M.exact_match([" A", "B"], ["A", "C"]) == 0.5
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("memcli")
+    world = make(people=20, seed=2, unknown=4)
+    save_world(world, tmp / "world")
+    tok = world_tokenizer(world, 400)
+    model = build_model("gpt2-rope", "tiny", len(tok), 128, bos_id=tok.bos_token_id,
+                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0)
+    # trained briefly on the world's questions: a random-init model's states hardly tell
+    # positions and names apart, and its head has no learned magnitudes
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+
+    Loop(model, QAStream(encode_qa(tok, world.qa()), 64, tok.pad_token_id, pack=False),
+         TrainConfig(steps=300, batch_size=32, lr=3e-3, log_every=100, precision="no",
+                     ckpt_minutes=0), tmp / "train", progress=False, export=False,
+         keep_checkpoint=False).run()
+    model.save_pretrained(tmp / "hf")
+    tok.save_pretrained(tmp / "hf")
+    return tmp
+
+
+SMALL = ["--set", "n_keys=32", "--set", "topk=4", "--set", "key_dim=16", "--set", "max_exposures=600",
+         "--set", "locality_per_set=40", "--no-progress"]
+
+
+def test_memory_tune_random_facts_then_ask(tiny, capsys):
+    out = tiny / "mem"
+    assert cli("memory", "tune", tiny / "hf", "--random", 16, "--world", tiny / "world",
+               "--out", out, "--minutes", 2, *SMALL) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["tuning"]["all_done"]
+    assert res["reliability"]["generation_exact_match"] == 1.0
+    assert res["reliability"]["bank_zeroed"] == res["reliability"]["backbone_before"] == 0.0
+    assert set(res["locality"]) == {"own", "never_stored", "stored_entities"}
+    assert 0 <= res["abstention"]["auroc_stored_vs_never_stored"] <= 1
+    assert "reliability (greedy exact match" in (out / "report.md").read_text()
+    fact = json.loads((out / "predictions_facts.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    assert cli("memory", "ask", out, fact["question"]) == 0
+    said = capsys.readouterr().out
+    assert said.splitlines()[0].strip() == fact["answer"] and "holds this question" in said
+    # the same command again: the finished run resumes (nothing to do), same results
+    assert cli("memory", "tune", tiny / "hf", "--random", 16, "--world", tiny / "world",
+               "--out", out, "--minutes", 2, *SMALL) == 0
+    again = json.loads((out / "results.json").read_text())
+    assert again["reliability"] == res["reliability"]
+
+
+def test_memory_tune_bad_input(tiny, tmp_path):
+    hf, w = tiny / "hf", tiny / "world"
+    assert cli("memory", "tune", hf, "--out", tmp_path / "a") == 2  # neither facts nor random
+    assert cli("memory", "tune", hf, "--random", 4, "--out", tmp_path / "b") == 2  # no world
+    assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "c",
+               "--set", "bogus=1") == 2
+    assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "d",
+               "--set", "tau=0") == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"entity": "A", "attribute": "code", "value": "1"}\n{"entity": "B"}\n')
+    assert cli("memory", "tune", hf, "--facts", bad, "--out", tmp_path / "e") == 2
+    assert cli("memory", "tune", tmp_path / "nope", "--random", 4, "--world", w,
+               "--out", tmp_path / "f") == 2
+    big = ["--set", "n_keys=1000000"]  # 10^12 slots: refused before anything is built
+    assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "g",
+               *big) == 2
+    for d in "abcdefg":
+        assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
+    assert cli("memory", "ask", hf, "What?") == 2  # not a memory model
