@@ -97,3 +97,24 @@ def test_memory_tune_bad_input(tiny, tmp_path):
     for d in "abcdefg":
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
     assert cli("memory", "ask", hf, "What?") == 2  # not a memory model
+
+
+def test_locality_prompts_never_include_a_stored_question():
+    from factlab.errors import FactlabError
+    from factlab.memory.facts import attribute_facts, fresh_names
+    from factlab.memory.gate import pick_radius
+    from factlab.memory.run import locality_sets
+
+    world = make(people=20, seed=2, unknown=4)
+    names = fresh_names(world.world, 5, 0)
+    q = world.qa().question[1]  # the world's own template for one attribute
+    attr = q.split(" of ")[0].replace("What is the ", "")
+    facts = attribute_facts(names, ["x"] * 5, attribute=attr)
+    assert facts.question[0] == q.replace(world.people.names[int(world.qa().person[1])],
+                                          names[0])
+    sets = locality_sets(world, facts, names, 0, 200)
+    stored = set(facts.question)
+    assert all(not stored & set(v.question) for v in sets.values())
+    assert len(sets["stored_entities"]) > 0
+    with pytest.raises(FactlabError, match="stored question"):
+        pick_radius([0.5, 1.0])

@@ -98,4 +98,8 @@ def pick_radius(negative_scores, margin: float = 0.5) -> float:
     if not len(s):
         raise FactlabError("pick_radius: no validation scores")
     top = float(s.max())
+    if top >= 1 - 1e-4:
+        raise FactlabError(f"pick_radius: a validation question scores {top:.6f}, i.e. it is "
+                           f"a stored question; validation prompts must be ones the bank "
+                           f"must not answer")
     return float(min(1.0, top + margin * (1.0 - top)))

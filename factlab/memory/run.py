@@ -138,6 +138,12 @@ def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
     about = QA(person=np.arange(len(q), dtype=np.int32), attribute=own.attribute[:len(q)],
                template=np.zeros(len(q), np.int16), question=q, answer=["-"] * len(q),
                attributes=own.attributes, heldout=False)
+    stored = set(facts.question)  # a stored question is not a locality prompt
+    keep = [i for i, x in enumerate(about.question) if x not in stored]
+    about = QA(person=about.person[keep], attribute=np.asarray(about.attribute)[keep],
+               template=about.template[keep], question=[about.question[i] for i in keep],
+               answer=[about.answer[i] for i in keep], attributes=about.attributes,
+               heldout=False)
     return {"own": own, "never_stored": never, "stored_entities": about}
 
 

@@ -83,6 +83,13 @@ class MemoryTuning(Plugin):
             raise FactlabError(f"MemoryTuning trains a MemoryModel, got {type(loop.model).__name__}")
         if loop.model.keygate is not None:  # deterministic: a resumed run writes the same
             loop.model.write_keys(self.facts)
+            sc = loop.model.question_scores(self.facts)
+            shut = int((sc < loop.model.radius).sum())
+            if shut:
+                raise FactlabError(
+                    f"memory tuning: {shut} of {len(sc)} facts' own questions fall outside the "
+                    f"key gate's radius {loop.model.radius:.6f} (lowest score {sc.min():.6f}): "
+                    f"the bank would never see them; lower the radius")
 
     def trainable(self, loop):
         m = loop.model
