@@ -118,3 +118,18 @@ def test_locality_prompts_never_include_a_stored_question():
     assert len(sets["stored_entities"]) > 0
     with pytest.raises(FactlabError, match="stored question"):
         pick_radius([0.5, 1.0])
+
+
+def test_paraphrases_of_stored_facts_come_from_the_world_templates():
+    from factlab.memory.facts import attribute_facts, fresh_names
+    from factlab.memory.run import paraphrases
+
+    world = make(people=20, seed=2, unknown=4)
+    names = fresh_names(world.world, 6, 0)
+    facts = attribute_facts(names, ["v"] * 6, attribute="birth city")
+    para, idx = paraphrases(world, facts, names)
+    assert len(para) == 6 and list(idx) == list(range(6))
+    for i, q in zip(idx, para.question):
+        assert names[i] in q and q != facts.question[i]
+    none, _ = paraphrases(world, attribute_facts(names, ["v"] * 6), names)  # access code
+    assert none is None

@@ -147,6 +147,37 @@ def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
     return {"own": own, "never_stored": never, "stored_entities": about}
 
 
+def paraphrases(corpus, facts, names: list[str]):
+    """A held-out paraphrase of each stored fact whose attribute is one of the world's
+    (``birth city`` = ``birth_city``): the world's paraphrased question of that attribute
+    about one of its people, with the stored entity's name put in. None if there is none."""
+    from factlab.text.qa import QA
+
+    para = corpus.qa(paraphrase=True)
+    wattr = {a.replace("_", " "): j for j, a in enumerate(para.attributes)}
+    by_attr: dict[int, list[int]] = {}
+    for i, a in enumerate(np.asarray(para.attribute).tolist()):
+        by_attr.setdefault(a, []).append(i)
+    people = corpus.people.names
+    rows = []
+    for i in range(len(facts)):
+        j = wattr.get(facts.attributes[int(facts.attribute[i])].replace("_", " "))
+        if j is None or j not in by_attr:
+            continue
+        k = by_attr[j][i % len(by_attr[j])]
+        src = people[int(para.person[k])]
+        name = names[int(facts.person[i])]
+        if src in para.question[k]:
+            rows.append((i, para.question[k].replace(src, name)))
+    if not rows:
+        return None, None
+    idx = np.array([r[0] for r in rows])
+    return QA(person=np.asarray(facts.person)[idx], attribute=np.asarray(facts.attribute)[idx],
+              template=np.ones(len(idx), np.int16), question=[r[1] for r in rows],
+              answer=[facts.answer[i] for i in idx], attributes=facts.attributes,
+              heldout=True), idx
+
+
 def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
     import torch
 
@@ -325,6 +356,17 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     res["recall_by_max_nll"] = M.recall_by_nll(sc.max_nll, correct)
     res["reliable_below_nll"] = M.reliable_below(sc.max_nll, correct)
     res["locality"] = after["locality"]
+    if corpus is not None:
+        para, _ = paraphrases(corpus, facts, names)
+        if para is not None:
+            g_met = evaluate_qa(m, tok, para, batch_size=cfg.eval_batch_size)[0]
+            g_bb = evaluate_qa(backbone, tok, para, batch_size=cfg.eval_batch_size)[0]
+            row = {"prompts": len(para), "generation_exact_match": g_met["exact_match"],
+                   "backbone": g_bb["exact_match"]}
+            if m.keygate is not None:
+                row["gate_open"] = float((m.question_scores(encode_qa(tok, para))
+                                          >= m.radius).mean())
+            res["generalization"] = row
     if m.keygate is not None:
         pos = m.question_scores(enc)
         neg = np.concatenate([m.question_scores(encode_qa(tok, te[0]))
@@ -388,6 +430,13 @@ def report(res: dict) -> str:
              f"| tuning steps / time | {t['steps']:,} / {res['timing_s']['tuning']:.0f} s |",
              f"| evaluation time (before / after) | {res['timing_s']['before']:.0f} s / "
              f"{res['timing_s']['evaluation_after']:.0f} s |"]
+    if "generalization" in res:
+        g = res["generalization"]
+        lines.append(f"| generalization: paraphrased questions ({g['prompts']}), greedy exact "
+                     f"match (backbone alone) | {_pct(g['generation_exact_match'])} "
+                     f"({_pct(g['backbone'])}) |")
+        if "gate_open" in g:
+            lines.append(f"| paraphrases the key gate opens on | {_pct(g['gate_open'])} |")
     for k, row in res.get("locality", {}).items():
         lines.append(f"| locality, {k.replace('_', ' ')} ({row['prompts']} test prompts): "
                      f"answers unchanged | {_pct(row['unchanged'])} |")
