@@ -1,8 +1,8 @@
 """Editing and memory metrics (EasyEdit's names), pure functions over saved predictions.
 
 Generation-based first: a prediction is the greedy completion up to EOS, right only when it
-equals the answer exactly. ``reliability`` (the trained question), ``generalization``
-(paraphrases of it) and ``locality`` (the fraction of unrelated prompts whose answer is
+equals the answer exactly. Reliability (the trained question) and generalization
+(paraphrases of it) are ``exact_match`` of their predictions; ``locality`` (the fraction of unrelated prompts whose answer is
 unchanged from the one recorded **before** any write) read predictions; teacher-forced
 numbers come from ``factlab.evaluate.score`` and are reported beside, labelled.
 """
@@ -19,8 +19,6 @@ def exact_match(predictions, answers) -> float:
         raise ValueError(f"{len(p)} predictions for {len(a)} answers")
     return float(np.mean([x.strip() == y.strip() for x, y in zip(p, a)])) if p else float("nan")
 
-
-reliability = generalization = exact_match
 
 
 def locality(before, after) -> float:

@@ -102,7 +102,6 @@ class MemoryModel(FrozenBackbone):
         self._open = None  # (B, T) bool: where the key gate lets the banks act
         self._carry = None  # (B,) bool: each row's gate at its last position
         self._qstate = None  # (B, d): the state of the question that opened each row's gate
-        self._score = None  # (B, T) fp32: nearest stored key's cosine (key gate)
         self._capture = None  # list: key-layer states, when recording keys
         self.last_route: dict[int, tuple] = {}
         self.record_routes = False
@@ -163,7 +162,7 @@ class MemoryModel(FrozenBackbone):
         self._qstate = torch.where(carry[:, None], qprev,
                                    qnew * hit.any(1)[:, None].to(h.dtype))
         run = (hit | carry[:, None]).int().cummax(dim=1).values.bool()
-        self._carry, self._score = run[:, -1], s
+        self._carry = run[:, -1]
         return run
 
     def _bank_input(self, h):

@@ -29,6 +29,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import Field
@@ -45,15 +46,15 @@ class MemorySettings(Strict):
     topk: int = Field(8, ge=1)
     key_dim: int = Field(64, ge=2)
     layers: list[int | str] | None = None  # None: the head's input (key gate), see model
-    routing: str = "pinned"
+    routing: Literal["learned", "pinned", "hash"] = "pinned"
     pin_steps: int = Field(200, ge=0)
-    gate: str = "keys"  # keys | learned | none
+    gate: Literal["keys", "learned", "none"] = "keys"
     radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
     radius_margin: float = Field(0.5, gt=0, le=1)
     # tuning
     value_lr: float = Field(0.5, gt=0)
     router_lr: float = Field(3e-4, gt=0)
-    sparse_optimizer: str = "sparse_adam"
+    sparse_optimizer: Literal["sparse_adam", "row_adagrad", "sgd"] = "sparse_adam"
     tau: float = Field(0.05, gt=0)
     revisit: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
@@ -64,7 +65,7 @@ class MemorySettings(Strict):
     # baselines on the same facts, same exposure budget as the memory used (not tuned to
     # their own best): LoRA with the paper's recipe (r 32, Adafactor, lr 2e-4), full
     # finetuning (AdamW)
-    baselines: list[str] = []  # lora | full
+    baselines: list[Literal["lora", "full"]] = []
     lora_lr: float = Field(2e-4, gt=0)
     full_lr: float = Field(3e-4, gt=0)
     locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
@@ -82,11 +83,9 @@ def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
     free memory cannot hold them."""
     from factlab.memory.bank import bank_bytes
 
-    opt = {"sparse_adam": "sparse_adam", "row_adagrad": "row_adagrad", "sgd": "sgd"}[
-        cfg.sparse_optimizer]
     q_in = 2 * width if cfg.gate == "keys" else width
     one = bank_bytes(cfg.n_keys ** 2, width, heads=cfg.heads, key_dim=cfg.key_dim, d_in=q_in,
-                     n_keys=cfg.n_keys, optimizer=opt)
+                     n_keys=cfg.n_keys, optimizer=cfg.sparse_optimizer)
     need = {k: v * n_banks for k, v in one.items()}
     free = _available_bytes()
     if free is not None and need["total"] > 0.8 * free:
@@ -97,19 +96,20 @@ def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
     return need
 
 
-def _half(qa, parity: int, cap: int):
+def _half(qa, parity: int):
+    """Every other question of ``qa`` (even: validation, odd: test)."""
     from factlab.text.qa import QA
 
-    idx = np.arange(parity, len(qa), 2)[: cap // 2]
+    idx = np.arange(parity, len(qa), 2)
     return QA(person=np.asarray(qa.person)[idx], attribute=np.asarray(qa.attribute)[idx],
               template=np.asarray(qa.template)[idx], question=[qa.question[i] for i in idx],
               answer=[qa.answer[i] for i in idx], attributes=qa.attributes,
-              heldout=qa.heldout), idx
+              heldout=qa.heldout)
 
 
 def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
     """The three locality sets of a world (see the module doc), before splitting."""
-    from factlab.memory.facts import attribute_facts, fresh_names, random_answers
+    from factlab.memory.facts import fresh_names
     from factlab.text.qa import QA
 
     own = corpus.qa()
@@ -120,15 +120,12 @@ def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
              question=[own.question[i] for i in order], answer=[own.answer[i] for i in order],
              attributes=own.attributes, heldout=False)
     others = fresh_names(corpus.world, min(cap, 4 * len(names) + 8), seed + 1, exclude=names)
-    attrs = list(facts.attributes)
-    nq = min(cap, len(others))
-    never = attribute_facts(others[:nq], random_answers(nq, seed + 2, 8))
-    if len(attrs) > 1 or attrs[0] != "access code":
-        never = QA(person=np.arange(nq, dtype=np.int32),
-                   attribute=np.zeros(nq, np.int16), template=np.zeros(nq, np.int16),
-                   question=[facts.question[i % len(facts)].replace(
-                       names[int(facts.person[i % len(facts)])], others[i]) for i in range(nq)],
-                   answer=["-"] * nq, attributes=("stored relation",), heldout=False)
+    nq = min(cap, len(others))  # the stored questions, about names never stored
+    never = QA(person=np.arange(nq, dtype=np.int32), attribute=np.zeros(nq, np.int16),
+               template=np.zeros(nq, np.int16),
+               question=[facts.question[i % len(facts)].replace(
+                   names[int(facts.person[i % len(facts)])], others[i]) for i in range(nq)],
+               answer=["-"] * nq, attributes=("stored relation",), heldout=False)
     # the world's questions about its people, asked about the stored entities instead
     people = corpus.people.names
     q = []
@@ -207,12 +204,12 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg) -> dict:
     met, recs = evaluate_qa(model, tok, facts, batch_size=cfg.eval_batch_size)
     res = {"reliability": met["exact_match"], "locality": {}, "_records": recs}
     for k, (_, te) in halves.items():
-        _, after = evaluate_qa(model, tok, te[0], batch_size=cfg.eval_batch_size)
+        _, after = evaluate_qa(model, tok, te, batch_size=cfg.eval_batch_size)
         row = {"prompts": len(after),
                "unchanged": M.locality([r["prediction"] for r in before[k]],
                                        [r["prediction"] for r in after])}
         if k == "own":
-            split = np.asarray(corpus.split)[np.asarray(te[0].person)]
+            split = np.asarray(corpus.split)[np.asarray(te.person)]
             for name, sel in (("ood", split == 1), ("id", split == 0)):
                 if sel.any():
                     row[f"{name}_before"] = float(np.mean([r["correct"] for r, s in
@@ -273,7 +270,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     from factlab.evaluate.score import score_encoded
     from factlab.memory import metrics as M
     from factlab.memory.gate import pick_radius
-    from factlab.memory.model import MemoryModel, decoder_layers
+    from factlab.memory.model import MemoryModel, decoder_layers, default_layers
     from factlab.memory.tune import MemoryTuning
     from factlab.model.load import load_any
     from factlab.tokens.encode import encode_qa
@@ -294,7 +291,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         raise FactlabError(f"memory tune: fact {q} ({facts.question[q]!r}) is {longest} tokens "
                            f"with its answer, longer than the model's context ({ctx})")
     n_banks = len(cfg.layers) if cfg.layers else 1 if cfg.gate == "keys" else \
-        len(decoder_layers(backbone))
+        len(default_layers(len(decoder_layers(backbone))))
     need = check_bank_fits(cfg, backbone.config.hidden_size, n_banks)
     # everything checked: now the run directory (``run_id`` marks it: the same run again
     # resumes from the loop's checkpoint)
@@ -310,8 +307,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     # ---- before any write: the backbone's answers on the locality sets
     t0 = time.perf_counter()
     loc = locality_sets(corpus, facts, names, cfg.seed, cfg.locality_per_set) if corpus else {}
-    halves = {k: (_half(v, 0, len(v)), _half(v, 1, len(v))) for k, v in loc.items()}
-    before = {k: evaluate_qa(backbone, tok, te[0], batch_size=cfg.eval_batch_size)[1]
+    halves = {k: (_half(v, 0), _half(v, 1)) for k, v in loc.items()}
+    before = {k: evaluate_qa(backbone, tok, te, batch_size=cfg.eval_batch_size)[1]
               for k, (_, te) in halves.items()}
     base_recall = evaluate_qa(backbone, tok, facts, batch_size=cfg.eval_batch_size)[0]
     res["timing_s"]["before"] = time.perf_counter() - t0
@@ -323,7 +320,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     if m.keygate is not None:
         m.write_keys(enc)
         if cfg.radius is None and halves:
-            val = np.concatenate([m.question_scores(encode_qa(tok, va[0]))
+            val = np.concatenate([m.question_scores(encode_qa(tok, va))
                                   for va, _ in halves.values()])
             m.radius = pick_radius(val, cfg.radius_margin)
         res["radius"] = m.radius
@@ -369,7 +366,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
             res["generalization"] = row
     if m.keygate is not None:
         pos = m.question_scores(enc)
-        neg = np.concatenate([m.question_scores(encode_qa(tok, te[0]))
+        neg = np.concatenate([m.question_scores(encode_qa(tok, te))
                               for _, te in halves.values()]) if halves else np.zeros(0)
         res["abstention"] = {"score": "nearest stored key cosine (key gate)",
                              "auroc_stored_vs_never_stored": M.auroc(pos, neg),
