@@ -355,6 +355,9 @@ def memory_tune(
                                               "about new names (needs a world)"),
     world: Optional[Path] = typer.Option(None, "--world",
                                          help="world: names for --random, locality sets"),
+    values: Optional[str] = typer.Option(None, "--values",
+                                         help="with --random: values of this world attribute "
+                                              "(e.g. birth_city) instead of random strings"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory"),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="tuning time budget"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -365,7 +368,8 @@ def memory_tune(
 ) -> None:
     """Tune a memory bank on a frozen MODEL until every fact is recalled exactly; report
     reliability, locality, hallucination on never-stored names and abstention AUROC."""
-    from factlab.memory.facts import attribute_facts, file_facts, fresh_names, random_answers
+    from factlab.memory.facts import (attribute_facts, file_facts, fresh_names, random_answers,
+                                      world_valued_facts)
     from factlab.memory.run import MemorySettings, report, tune_memory
 
     _quiet_hf()
@@ -382,6 +386,10 @@ def memory_tune(
     run_id = {"model": str(mpath.resolve()), "world": str(wpath) if wpath else None,
               "facts": str(facts) if facts else None, "random": random,
               "settings": cfg.model_dump()}
+    if values is not None:
+        if random is None:
+            raise FactlabError("--values goes with --random N (new names, world values)")
+        run_id["values"] = values
     marker = out / "memory_run.json"
     same = marker.is_file() and _json.loads(marker.read_text(encoding="utf-8")) == run_id
     if out.exists() and any(out.iterdir()) and not same and not force:
@@ -396,7 +404,8 @@ def memory_tune(
         if corpus is None:
             raise FactlabError("--random needs a world (--world DIR) to draw new names from")
         names = fresh_names(corpus.world, random, cfg.seed)
-        qa = attribute_facts(names, random_answers(random, cfg.seed))
+        qa = attribute_facts(names, random_answers(random, cfg.seed)) if values is None else \
+            world_valued_facts(corpus, names, values, cfg.seed)
     else:
         qa, names = file_facts(facts)
     import torch

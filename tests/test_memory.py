@@ -256,3 +256,115 @@ def test_key_gated_tuning_recalls_every_fact_and_leaves_other_answers_exact(sett
     again = load_any(s["tmp"] / "keys" / "model")  # the codebook and radius travel
     assert len(again.keygate) == len(s["facts"]) and again.radius == m.radius
     assert evaluate_qa(again, s["tok"], s["facts"])[0]["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------- sequential writes
+def write_stream(s, out, n=16, replay=True, stop_at=None, routing="pinned"):
+    """``n`` facts written one per experience through the experience driver (key gate,
+    whitening fixed by background questions, radius chosen again after each write on
+    validation questions); ``stop_at``: the run is killed after that write's state."""
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.train import TrainConfig
+    from factlab.train.experiences import Driver, Experience
+
+    enc = s["enc"].take(np.arange(n))
+    m = MemoryModel(s["backbone"], n_keys=64, heads=4, topk=8, key_dim=32, gate="keys",
+                    routing=routing, span=16)
+    m.fit_queries(encode_known(s, 100))
+    val = m.key_states(encode_qa(s["tok"], s["known"]).take(np.arange(100, 200)))
+    plug = MemoryTuning(enc, 64, 1, value_lr=0.5, pin_steps=0, writes=[[i] for i in range(n)],
+                        replay=replay, radius_from=val)
+    seen = []
+
+    def snap(model):
+        seen.append((plug.completed, plug.exposures.copy(), model.radius))
+        if stop_at is not None and plug.completed == stop_at:
+            raise KeyboardInterrupt
+        return 0.0, None
+
+    exps = [Experience(f"w{i}", QAStream(enc.take([i]), 64, 1, pack=False),
+                       TrainConfig(steps=300, batch_size=3 if replay else 1, log_every=50,
+                                   precision="no", ckpt_minutes=0, schedule="constant",
+                                   clip=0, sparse_optimizer="sparse_adam"))
+            for i in range(n)]
+    drv = Driver(m, exps, {"snap": snap}, out, plugins=[plug], progress=False, export=False)
+    drv.run()
+    return m, plug, seen
+
+
+def test_sequential_writes_recall_every_fact_and_resume_exactly(setting, tmp_path):
+    from factlab.evaluate.generate import evaluate_qa
+
+    s = setting
+    m, plug, seen = write_stream(s, tmp_path / "a")
+    facts = QA(s["facts"].names[:16], s["facts"].answer[:16])
+    assert plug.completed == 16 and len(m.keygate) == 16
+    assert evaluate_qa(m, s["tok"], facts)[0]["exact_match"] == 1.0  # after the last write
+    test = QA(s["known"].names[:100], s["known"].answer[:100])
+    assert [r["prediction"] for r in evaluate_qa(m, s["tok"], test)[1]] == \
+        [r["prediction"] for r in evaluate_qa(s["backbone"], s["tok"], test)[1]]
+    radii = [r for t, _, r in seen if t]
+    assert radii == sorted(radii) and radii[0] < radii[-1] < 1  # re-chosen, only rising
+    # killed after write 6's state: the same command resumes at write 7, same bank
+    with pytest.raises(KeyboardInterrupt):
+        write_stream(s, tmp_path / "b", stop_at=6)
+    m2, plug2, _ = write_stream(s, tmp_path / "b")
+    assert torch.equal(m2.keygate.keys, m.keygate.keys) and m2.radius == m.radius
+    assert all(torch.equal(a, b) for a, b in zip(m2.value_parameters(), m.value_parameters()))
+    assert np.array_equal(plug2.exposures, plug.exposures)
+
+
+def test_without_replay_a_write_trains_its_own_facts_only(setting, tmp_path):
+    s = setting
+    _, plug, seen = write_stream(s, tmp_path / "n", n=6, replay=False)
+    for (t, exp, _), (t2, exp2, _) in zip(seen[1:], seen[2:]):
+        changed = np.flatnonzero(exp2 != exp)
+        assert t2 == t + 1 and changed.tolist() == [t]  # write t+1 is fact t
+    with pytest.raises(FactlabError, match="writes must split"):
+        MemoryTuning(s["enc"].take(np.arange(4)), 64, 1, writes=[[0, 1], [1, 2, 3]])
+
+
+def test_key_routing_gives_each_stored_question_its_own_rows(setting):
+    s = setting
+    m = MemoryModel(s["backbone"], n_keys=8, heads=2, topk=4, key_dim=8, gate="keys",
+                    routing="key", span=12)
+    with torch.no_grad():
+        for b in m.banks:
+            b.values.weight.normal_()
+    stored, other = s["enc"].take(np.arange(4)), encode_known(s, 4)
+    m.write_keys(stored)
+    for q in range(4):
+        x = torch.from_numpy(stored.example(q).astype(np.int64))[None]
+        slots = m.routes(x)[0].reshape(-1)
+        a = int(stored.answer_start[q]) - 1  # the question's last token opens the gate
+        assert (slots[:a] == -1).all()
+        assert slots[a:].tolist() == list(range(12 * q, 12 * q + x.shape[1] - a))
+        y = torch.from_numpy(other.example(q).astype(np.int64))[None]
+        assert (m.routes(y)[0] == -1).all()  # not stored: no row, the backbone's output
+        assert torch.equal(m(input_ids=y).logits, s["backbone"](input_ids=y).logits)
+    # cached generation reads the same rows as uncached decoding
+    x = torch.from_numpy(stored.example(1)[:int(stored.answer_start[1])].astype(np.int64))[None]
+    g = m.generate(input_ids=x, max_new_tokens=6, do_sample=False, use_cache=True,
+                   pad_token_id=1)
+    ids = x
+    for _ in range(6):
+        ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+    with pytest.raises(FactlabError, match="bank full"):  # 64 slots hold 5 spans of 12
+        m.write_keys(s["enc"].take(np.arange(4, 6)))
+    with pytest.raises(FactlabError, match="needs gate='keys'"):
+        MemoryModel(s["backbone"], n_keys=8, routing="key")
+
+
+def test_sequential_writes_with_key_routing_need_no_replay(setting, tmp_path):
+    from factlab.evaluate.generate import evaluate_qa
+
+    s = setting
+    m, plug, _ = write_stream(s, tmp_path / "k", replay=False, routing="key")
+    facts = QA(s["facts"].names[:16], s["facts"].answer[:16])
+    assert evaluate_qa(m, s["tok"], facts)[0]["exact_match"] == 1.0
+    m.save_pretrained(tmp_path / "saved")  # the span and the codebook travel
+    again = load_any(tmp_path / "saved")
+    assert again.span == 16 and again.kw["routing"] == "key"
+    assert evaluate_qa(again, s["tok"], facts)[0]["exact_match"] == 1.0

@@ -82,6 +82,25 @@ def test_memory_tune_random_facts_then_ask(tiny, capsys):
     assert again["reliability"] == res["reliability"]
 
 
+def test_sequential_writes_of_world_valued_facts_end_to_end(tiny):
+    out = tiny / "seq"
+    assert cli("memory", "tune", tiny / "hf", "--random", 8, "--values", "birth_city",
+               "--world", tiny / "world", "--out", out, "--set", "writes=8",
+               "--set", "routing=key", "--set", "eval_points=2",
+               "--set", "baselines=[full]", *SMALL) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["reliability"]["generation_exact_match"] == 1.0
+    assert "8 sequential writes" in res["reliability"]["measured"]
+    assert {k: v["unchanged"] for k, v in res["locality"].items()} == \
+        {"own": 1.0, "never_stored": 1.0, "stored_entities": 1.0}
+    curve = res["sequential"]["curve"]
+    assert [r["writes"] for r in curve] == [0, 4, 8] and curve[-1]["written"] == 1.0
+    assert res["slot_sharing"]["shared_slots"] == 0  # key routing: no row is shared
+    assert "generalization" in res and "generalization" in res["baselines"]["full"]
+    assert res["baselines"]["full"]["steps"] >= 8  # one experience per write
+    assert "Sequential writes: 8 writes" in (out / "report.md").read_text()
+
+
 def test_memory_tune_bad_input(tiny, tmp_path):
     hf, w = tiny / "hf", tiny / "world"
     assert cli("memory", "tune", hf, "--out", tmp_path / "a") == 2  # neither facts nor random
@@ -100,7 +119,15 @@ def test_memory_tune_bad_input(tiny, tmp_path):
     big = ["--set", "n_keys=1000000"]  # 10^12 slots: refused before anything is built
     assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "g",
                *big) == 2
-    for d in "abcdefg":
+    for args in (["--set", "writes=5"],  # 4 facts cannot make 5 writes
+                 ["--set", "routing=key", "--set", "gate=none"],  # key routing needs keys
+                 ["--set", "routing=key", "--set", "n_keys=4"],  # 4 x span rows > 16 slots
+                 ["--values", "shoe_size"]):  # not an attribute of the world
+        assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out",
+                   tmp_path / "h", *args) == 2
+    assert cli("memory", "tune", hf, "--facts", bad, "--values", "birth_city",
+               "--out", tmp_path / "h") == 2  # --values goes with --random
+    for d in "abcdefgh":
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
     assert cli("memory", "ask", hf, "What?") == 2  # not a memory model
 

@@ -8,6 +8,9 @@ attribute each is about), the shape the encoder, the evaluator and the scorer re
 - :func:`fresh_names`: full names from a world's name pools that no one in it (people,
   unknown people) has, so a fact about them is new to the backbone;
 - :func:`attribute_facts`: "What is the {attribute} of {name}?" for names and answers;
+- :func:`world_valued_facts`: new names given values of one of a world's attributes
+  (drawn from its people's values: the "true answers" of the random-label experiment, of
+  the kind the backbone already produces), asked with the world's own question;
 - :func:`file_facts`: a user's fact file (``factlab.world.facts``: entity, attribute, value
   rows), asked with the same generic question.
 """
@@ -78,3 +81,32 @@ def file_facts(path, question: str = QUESTION) -> tuple[QA, list[str]]:
               question=[question.format(attribute=a, name=e) for (e, a), _ in rows],
               answer=[v for _, v in rows], attributes=tuple(attributes),
               heldout=False), list(entities)
+
+
+def world_valued_facts(corpus, names, attribute: str, seed: int) -> QA:
+    """A fact per name: ``attribute`` (a world attribute, e.g. ``birth_city``) with a value
+    drawn from the world's people's values of it, asked with the world's canonical question
+    for that attribute (the name put in)."""
+    qa = corpus.qa()
+    attrs = list(qa.attributes)
+    key = attribute.replace(" ", "_")
+    if key not in attrs:
+        raise FactlabError(f"--values {attribute!r}: the world's attributes are "
+                           f"{', '.join(attrs)}")
+    j = attrs.index(key)
+    rows = np.flatnonzero(np.asarray(qa.attribute) == j)
+    people = corpus.people.names
+    first = int(rows[0])
+    src = people[int(qa.person[first])]
+    if src not in qa.question[first]:
+        raise FactlabError(f"--values {attribute!r}: the world's question does not name "
+                           f"its person")
+    template = qa.question[first].replace(src, "{name}")
+    g = np.random.default_rng([seed, 34])
+    values = [qa.answer[int(i)] for i in g.choice(rows, len(names))]
+    names = list(names)
+    return QA(person=np.arange(len(names), dtype=np.int32),
+              attribute=np.zeros(len(names), np.int16),
+              template=np.zeros(len(names), np.int16),
+              question=[template.replace("{name}", nm) for nm in names], answer=values,
+              attributes=(key.replace("_", " "),), heldout=False)

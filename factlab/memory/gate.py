@@ -72,17 +72,20 @@ class KeyGate(nn.Module):
     def clear(self) -> None:
         self.keys = self.keys[:0]
 
-    def match(self, h: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    def match(self, h: torch.Tensor, chunk: int = 65536, index: bool = False):
         """The nearest stored key's cosine for every row of ``h`` (..., dim): (...,) fp32;
-        -1 where nothing is stored."""
+        -1 where nothing is stored. ``index``: also that key's index, (...,) int64 (-1
+        where nothing is stored)."""
         lead = h.shape[:-1]
         x = F.normalize(h.reshape(-1, h.shape[-1]).float(), dim=-1)
-        if not len(self):
-            return torch.full(lead, -1.0, device=h.device)
         best = torch.full((x.shape[0],), -1.0, device=h.device)
+        arg = torch.full((x.shape[0],), -1, dtype=torch.long, device=h.device)
         for s in range(0, len(self), chunk):
-            best = torch.maximum(best, (x @ self.keys[s:s + chunk].T).amax(-1))
-        return best.view(lead)
+            v, i = (x @ self.keys[s:s + chunk].T).max(-1)
+            better = v > best
+            best = torch.where(better, v, best)
+            arg = torch.where(better, i + s, arg)
+        return (best.view(lead), arg.view(lead)) if index else best.view(lead)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
         k = state_dict.get(prefix + "keys")

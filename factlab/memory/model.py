@@ -59,6 +59,7 @@ class _Captured(Exception):
 class MemoryModel(FrozenBackbone):
     def __init__(self, backbone, *, layers: list[int] | None = None, n_keys: int = 256,
                  heads: int = 4, topk: int = 32, key_dim: int = 64, routing: str = "pinned",
+                 span: int = 64,
                  gate: bool | str | None = False, radius: float = 0.98,
                  query: str | None = None,
                  null: float | None = None, seed: int = 0,
@@ -85,12 +86,20 @@ class MemoryModel(FrozenBackbone):
                                f"gate='keys'")
         self.query = query
         self.gate = gate == "learned"  # the learned sigmoid gate
+        if routing == "key" and gate != "keys":
+            raise FactlabError("memory routing='key' (each stored question its own slots) "
+                               "needs gate='keys'")
+        if routing == "key" and not 1 <= span <= n_keys * n_keys:
+            raise FactlabError(f"memory span={span}: must be in [1, {n_keys * n_keys}]")
+        self.span = int(span)  # key routing: slots per stored question (answer positions)
         self.kw = dict(n_keys=n_keys, heads=heads, topk=topk, key_dim=key_dim, routing=routing,
                        null=null)
         self.seed = seed
+        # key routing reads no query: its banks' (unused) routers stay frozen
+        bank_kw = {**self.kw, "routing": "hash" if routing == "key" else routing}
         self.banks = nn.ModuleList(
             ProductKeyMemory(2 * d if query == "state+question" else d, d, seed=seed + 1000 * i,
-                             **self.kw) for i in range(len(layers)))
+                             **bank_kw) for i in range(len(layers)))
         if self.gate:
             self.gates = nn.ModuleList(nn.Linear(d, 1) for _ in layers)
             for g in self.gates:  # starts half open; zero values keep the output exact
@@ -102,6 +111,9 @@ class MemoryModel(FrozenBackbone):
         self._open = None  # (B, T) bool: where the key gate lets the banks act
         self._carry = None  # (B,) bool: each row's gate at its last position
         self._qstate = None  # (B, d): the state of the question that opened each row's gate
+        self._kslot = None  # key routing: (B, T) slot of every position (-1: none)
+        self._kid = None  # (B,): the stored question that opened each row's gate
+        self._koff = None  # (B,): the offset from it of each row's last position
         self._capture = None  # list: key-layer states, when recording keys
         self.last_route: dict[int, tuple] = {}
         self.record_routes = False
@@ -141,7 +153,7 @@ class MemoryModel(FrozenBackbone):
 
     def _gate_open(self, h) -> torch.Tensor:
         """(B, T) bool: open from the first position matching a stored key on."""
-        s = self.keygate.match(h)
+        s, kid = self.keygate.match(h, index=True)
         mask = self._call.get("mask")
         fresh = self._call.get("fresh", True)
         if mask is not None and mask.shape[-1] >= h.shape[1]:  # padding never matches
@@ -162,6 +174,20 @@ class MemoryModel(FrozenBackbone):
         self._qstate = torch.where(carry[:, None], qprev,
                                    qnew * hit.any(1)[:, None].to(h.dtype))
         run = (hit | carry[:, None]).int().cummax(dim=1).values.bool()
+        if self.kw["routing"] == "key":  # slot = the opening key's base + the offset from it
+            T = h.shape[1]
+            pos = torch.arange(T, device=h.device)[None]
+            if fresh or self._kid is None:
+                kprev = torch.full((B,), -1, dtype=torch.long, device=h.device)
+                oprev = torch.zeros(B, dtype=torch.long, device=h.device)
+            else:
+                kprev, oprev = self._kid, self._koff
+            knew = kid[torch.arange(B, device=h.device), first]
+            k = torch.where(carry, kprev, torch.where(hit.any(1), knew, -1))
+            off = torch.where(carry[:, None], oprev[:, None] + 1 + pos, pos - first[:, None])
+            ok = run & (off < self.span) & (k[:, None] >= 0)
+            self._kslot = torch.where(ok, k[:, None] * self.span + off, -1)
+            self._kid, self._koff = k, off[:, -1]
         self._carry = run[:, -1]
         return run
 
@@ -209,6 +235,8 @@ class MemoryModel(FrozenBackbone):
         open_ = None
         if self.keygate is not None:
             open_ = self._open[:, -h.shape[1]:]  # the head may see the last positions only
+        if self.kw["routing"] == "key":
+            return self._with_key_slots(i, h)
         x = self._bank_input(h) if open_ is not None else h
         if self.record_routes:
             m, scores, idx = bank(x, return_route=True)
@@ -228,6 +256,24 @@ class MemoryModel(FrozenBackbone):
         if self.gate:
             m = m * torch.sigmoid(self.gates[i](h.to(self.gates[i].weight.dtype)))
         return h + m.to(h.dtype)
+
+    def _with_key_slots(self, i, h):
+        """Key routing: every open position reads the one value row of (its stored
+        question, its offset from that question's end): no two stored questions share a
+        row (Lamini's reference code's one slot per fact, here one row per answer
+        position)."""
+        slot = self._kslot[:, -h.shape[1]:]
+        bank = self.banks[i]
+        if self.record_routes:
+            self.last_route[i] = (torch.ones(*slot.shape, 1, 1), slot.reshape(-1, 1, 1))
+        sel = (slot >= 0).reshape(-1).nonzero().squeeze(-1)
+        if not len(sel):
+            return None
+        flat = h.reshape(-1, h.shape[-1])
+        rows = bank.values(slot.reshape(-1, 1).index_select(0, sel))
+        m = torch.zeros(flat.shape[0], bank.d_out, dtype=h.dtype, device=h.device)
+        m = m.index_copy(0, sel, rows.to(h.dtype)).view(*h.shape[:-1], bank.d_out)
+        return h + m
 
     # ------------------------------------------------------------------ the key gate
     def _question_states(self, enc, batch_size: int = 256) -> torch.Tensor:
@@ -270,8 +316,33 @@ class MemoryModel(FrozenBackbone):
             self.keygate.fit(h)  # once: later writes keep the earlier facts' queries
         if only_new and len(self.keygate):
             h = h[self.keygate.match(h) < 1 - 1e-5]
+        if self.kw["routing"] == "key" and (len(self.keygate) + len(h)) * self.span > \
+                self.banks[0].slots:
+            raise FactlabError(f"memory bank full: {len(self.keygate) + len(h):,} stored "
+                               f"questions x span {self.span} slots need more than the bank's "
+                               f"{self.banks[0].slots:,} (raise n_keys)")
         self.keygate.add(h)
         return int(h.shape[0])
+
+    def fit_queries(self, enc) -> None:
+        """Fix the bank queries' whitening by the states of the questions of ``enc``
+        (background questions of the stored kind, e.g. the stored relation about names
+        never stored) before any key is written: then single-fact writes, which have no
+        statistics of their own, all read queries whitened alike."""
+        if self.keygate is None:
+            raise FactlabError("fit_queries: this memory model has no key gate (gate='keys')")
+        if len(self.keygate):
+            raise FactlabError("fit_queries: keys are already stored; their queries would "
+                               "change")
+        h = self._question_states(enc)
+        if len(h) < 16:
+            raise FactlabError(f"fit_queries: {len(h)} questions; the whitening needs >= 16")
+        self.keygate.fit(h)
+
+    def key_states(self, enc) -> torch.Tensor:
+        """The key layer's states at the end of every question of ``enc`` (what the key
+        gate compares with its keys), (Q, d)."""
+        return self._question_states(enc)
 
     def question_scores(self, enc) -> np.ndarray:
         """For every encoded question: the nearest stored key's cosine to its state (1 for
@@ -331,4 +402,4 @@ class MemoryModel(FrozenBackbone):
     def wrapper_config(self) -> dict:
         return {"layers": self.layers, "gate": self.gate_kind or False, "seed": self.seed,
                 "radius": self.radius if self.keygate is not None else 0.98,
-                "query": self.query, **self.kw}
+                "query": self.query, "span": self.span, **self.kw}

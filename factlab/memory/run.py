@@ -20,6 +20,19 @@ Each locality set is split in two by position (even: validation, odd: test). The
 gate's radius is chosen on the validation halves (``pick_radius``) and every locality
 number reported is on the test halves: settings are never chosen on what is reported.
 Without a world there is no locality set, and the radius is ``cfg.radius`` (default 0.98).
+
+Sequential writes (``writes=T``, lifelong editing): the facts in T parts, one experience
+each through the experience driver (``OUT/writes``: its ``R.json`` holds the curve). Each
+write stores its keys, then tunes only its own facts (``replay=true``: earlier writes'
+facts are revisited too). The queries' whitening is fixed before the first write by the
+never-stored validation questions, and the radius is chosen again after every write on
+the validation halves against the keys stored so far. Reliability, generalization and
+locality are measured after the last write, with the facts written so far, the first
+write's facts and every locality test half scored at ``eval_points`` points along the
+stream; the baselines write the same parts one experience each, with the memory's
+exposures per write as their steps. ``routing=key`` gives every stored question its own
+value rows (no sharing): measured, the product-key bank without replay forgets earlier
+writes (``docs/memory.md``).
 """
 
 from __future__ import annotations
@@ -46,13 +59,20 @@ class MemorySettings(Strict):
     topk: int = Field(8, ge=1)
     key_dim: int = Field(64, ge=2)
     layers: list[int | str] | None = None  # None: the head's input (key gate), see model
-    routing: Literal["learned", "pinned", "hash"] = "pinned"
-    pin_steps: int = Field(200, ge=0)
+    # key: each stored question its own value rows (one per answer position), read by the
+    # key gate's nearest key: no sharing (needs gate=keys; an option, not the product-key
+    # headline)
+    routing: Literal["learned", "pinned", "hash", "key"] = "pinned"
+    span: int | None = Field(None, ge=1, description="key routing: rows per stored question "
+                             "(None: the longest answer + 4)")
+    pin_steps: int | None = Field(None, ge=0, description="router steps before pinning "
+                                  "(None: 200, or 0 with sequential writes)")
     gate: Literal["keys", "learned", "none"] = "keys"
     radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
     radius_margin: float = Field(0.5, gt=0, le=1)
     # tuning
-    value_lr: float = Field(0.5, gt=0)
+    value_lr: float | None = Field(None, gt=0, description="None: 0.5, or 2.0 with key "
+                                   "routing (one row per position learns in fewer steps)")
     router_lr: float = Field(3e-4, gt=0)
     sparse_optimizer: Literal["sparse_adam", "row_adagrad", "sgd"] = "sparse_adam"
     tau: float = Field(0.05, gt=0)
@@ -69,6 +89,11 @@ class MemorySettings(Strict):
     lora_lr: float = Field(2e-4, gt=0)
     full_lr: float = Field(3e-4, gt=0)
     locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
+    # sequential writes (lifelong editing): the facts in ``writes`` batches, one after
+    # another through the experience driver; 1 = all at once
+    writes: int = Field(1, ge=1)
+    replay: bool = False  # with writes > 1: revisit (and retrain) earlier writes' facts
+    eval_points: int = Field(10, ge=1, description="evaluated points along the writes")
 
 
 def _available_bytes() -> int | None:
@@ -98,9 +123,14 @@ def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
 
 def _half(qa, parity: int):
     """Every other question of ``qa`` (even: validation, odd: test)."""
+    return _take(qa, np.arange(parity, len(qa), 2))
+
+
+def _take(qa, idx):
+    """The questions ``idx`` of ``qa``."""
     from factlab.text.qa import QA
 
-    idx = np.arange(parity, len(qa), 2)
+    idx = np.asarray(idx, dtype=np.int64)
     return QA(person=np.asarray(qa.person)[idx], attribute=np.asarray(qa.attribute)[idx],
               template=np.asarray(qa.template)[idx], question=[qa.question[i] for i in idx],
               answer=[qa.answer[i] for i in idx], attributes=qa.attributes,
@@ -196,13 +226,17 @@ def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
     return out
 
 
-def _evaluate_after(model, tok, facts, halves, before, corpus, cfg) -> dict:
-    """Reliability and the locality sets' numbers for any model after the write."""
+def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -> dict:
+    """Reliability, generalization (on ``para``, the held-out paraphrases) and the
+    locality sets' numbers for any model after the write."""
     from factlab.evaluate.generate import evaluate_qa
     from factlab.memory import metrics as M
 
     met, recs = evaluate_qa(model, tok, facts, batch_size=cfg.eval_batch_size)
     res = {"reliability": met["exact_match"], "locality": {}, "_records": recs}
+    if para is not None:
+        res["generalization"] = evaluate_qa(model, tok, para,
+                                            batch_size=cfg.eval_batch_size)[0]["exact_match"]
     for k, (_, te) in halves.items():
         _, after = evaluate_qa(model, tok, te, batch_size=cfg.eval_batch_size)
         row = {"prompts": len(after),
@@ -227,34 +261,138 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg) -> dict:
 
 
 def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, before, corpus,
-              out, progress) -> dict:
-    """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps."""
+              out, progress, writes=None, para=None) -> dict:
+    """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps; with
+    ``writes`` (positions per write), one experience per write through the experience
+    driver, ``steps`` steps each."""
     from factlab.model.load import load_any
     from factlab.tokens.streams import QAStream
     from factlab.train import Loop, TrainConfig
+    from factlab.train.experiences import Driver, Experience
     from factlab.train.plugins import LoRA
 
     if kind not in ("lora", "full"):
         raise FactlabError(f"memory baselines: {kind!r} is not lora or full")
     model = load_any(model_path)
     plugins = [LoRA(r=32, r_embed=0, export="adapter")] if kind == "lora" else []
-    tcfg = TrainConfig(steps=max(1, steps), batch_size=cfg.batch_size, precision="no",
-                       lr=cfg.lora_lr if kind == "lora" else cfg.full_lr,
-                       optimizer="adafactor" if kind == "lora" else "adamw",
-                       weight_decay=0.0, schedule="constant", log_every=50, seed=cfg.seed)
+
+    def tcfg(n_steps, batch):
+        return TrainConfig(steps=max(1, n_steps), batch_size=batch, precision="no",
+                           lr=cfg.lora_lr if kind == "lora" else cfg.full_lr,
+                           optimizer="adafactor" if kind == "lora" else "adamw",
+                           weight_decay=0.0, schedule="constant", log_every=50, seed=cfg.seed)
+
     t0 = time.perf_counter()
-    loop = Loop(model, QAStream(enc, longest, tok.pad_token_id, pack=False), tcfg,
-                out / f"baseline_{kind}", plugins=plugins, progress=progress,
-                name=kind, export=False, keep_checkpoint=False)
-    loop.run()
+    if writes is None:
+        loop = Loop(model, QAStream(enc, longest, tok.pad_token_id, pack=False),
+                    tcfg(steps, cfg.batch_size), out / f"baseline_{kind}", plugins=plugins,
+                    progress=progress, name=kind, export=False, keep_checkpoint=False)
+        loop.run()
+        m, final = loop.model, loop.history[-1].get("loss") if loop.history else None
+        total = loop.cfg.steps
+    else:
+        exps = [Experience(f"write{t}", QAStream(enc.take(w), longest, tok.pad_token_id,
+                                                 pack=False),
+                           tcfg(steps, min(cfg.batch_size, len(w))))
+                for t, w in enumerate(writes, 1)]
+        drv = Driver(model, exps, {}, out / f"baseline_{kind}", plugins=plugins,
+                     eval_every=len(exps), tokenizer=tok, progress=False, export=False)
+        drv.run()
+        m, final, total = drv.model, None, max(1, steps) * len(exps)
     tuned = time.perf_counter() - t0
-    m = loop.model
     m.eval()
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg)
+    row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
     row.pop("_records")
-    return {**row, "steps": tcfg.steps, "tuning_s": tuned, "trainable_parameters": trainable,
-            "final_loss": loop.history[-1].get("loss") if loop.history else None}
+    return {**row, "steps": total, "tuning_s": tuned, "trainable_parameters": trainable,
+            "final_loss": final}
+
+
+class _WriteBar:
+    """One progress line for a stream of writes (the loops' own bars stay off)."""
+
+    def __init__(self, plug, total: int, on: bool):
+        self.plug, self.total, self.bar = plug, total, None
+        if on:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("[bold]writes"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[extra]}"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn())
+            self.task = self.bar.add_task("writes", total=total, extra="")
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *a):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def update(self) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.plug.completed,
+                            extra=self.plug.progress_text())
+
+
+def _sequential(m, plug, enc, facts, tok, longest, halves, before, cfg, out, progress):
+    """Train ``plug``'s writes one experience each through the experience driver,
+    scoring (generation) the facts written so far, the first write's facts and the
+    locality test halves at ``cfg.eval_points`` points; returns the driver."""
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.memory import metrics as M
+    from factlab.tokens.streams import QAStream
+    from factlab.train import TrainConfig
+    from factlab.train.experiences import Driver, Experience
+    from factlab.train.plugins import Plugin
+
+    writes = plug.writes
+    exps = []
+    for t, w in enumerate(writes, 1):
+        bt = min(cfg.batch_size, max(1, math.ceil(len(w) / (1 - cfg.revisit))) +
+                 (1 if cfg.replay else 0))
+        steps = max(1, math.ceil(cfg.max_exposures * len(w) / min(bt, len(w))))
+        exps.append(Experience(f"write{t}", QAStream(enc.take(w), longest, tok.pad_token_id,
+                                                     pack=False),
+                               TrainConfig(steps=steps, batch_size=bt, log_every=50,
+                                           precision="no", schedule="constant", clip=0,
+                                           sparse_optimizer=cfg.sparse_optimizer,
+                                           seed=cfg.seed, ckpt_minutes=0)))
+    bar = _WriteBar(plug, len(writes), progress)
+
+    def em(model, idx):
+        if not len(idx):  # nothing written yet
+            return 0.0, None
+        return evaluate_qa(model, tok, _take(facts, idx), batch_size=cfg.eval_batch_size)[0][
+            "exact_match"], None
+
+    def written(model):
+        done = writes[:plug.completed]
+        return em(model, np.concatenate(done) if done else [])
+
+    evals = {"written": written,
+             "first_write": lambda model: em(model, writes[0] if plug.completed else [])}
+    for k, (_, te) in halves.items():
+        def unchanged(model, k=k, te=te):
+            after = evaluate_qa(model, tok, te, batch_size=cfg.eval_batch_size)[1]
+            return M.locality([r["prediction"] for r in before[k]],
+                              [r["prediction"] for r in after]), None
+        evals[f"{k}_unchanged"] = unchanged
+    every = max(1, len(writes) // cfg.eval_points)
+
+    class _Tick(Plugin):  # the bar moves after every write, not only at evaluated ones
+        name = "write tick"
+
+        def after_experience(self, loop, t):
+            bar.update()
+
+    drv = Driver(m, exps, evals, out / "writes", plugins=[plug, _Tick()], eval_every=every,
+                 tokenizer=tok, progress=False, export=False)
+    with bar:
+        drv.run()
+    return drv
 
 
 def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: MemorySettings,
@@ -281,6 +419,11 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     out = Path(out)
     if len(facts) == 0:
         raise FactlabError("memory tune: no facts")
+    if cfg.writes > len(facts):
+        raise FactlabError(f"memory tune: writes={cfg.writes} but only {len(facts)} facts "
+                           f"(each write needs at least one)")
+    seq = cfg.writes > 1
+    pin_steps = cfg.pin_steps if cfg.pin_steps is not None else (0 if seq else 200)
     tok = load_tokenizer(tokenizer_path)
     backbone = load_any(model_path)
     ctx = int(getattr(backbone.config, "max_position_embeddings", 0) or 0)
@@ -292,6 +435,14 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                            f"with its answer, longer than the model's context ({ctx})")
     n_banks = len(cfg.layers) if cfg.layers else 1 if cfg.gate == "keys" else \
         len(default_layers(len(decoder_layers(backbone))))
+    span = cfg.span or int((enc.lengths - enc.answer_start).max()) + 4
+    if cfg.routing == "key":
+        if cfg.gate != "keys":
+            raise FactlabError("memory tune: routing=key needs gate=keys")
+        if len(facts) * span > cfg.n_keys ** 2:
+            raise FactlabError(f"memory tune: routing=key: {len(facts):,} facts x span {span} "
+                               f"rows need more than the bank's {cfg.n_keys ** 2:,} slots "
+                               f"(raise n_keys)")
     need = check_bank_fits(cfg, backbone.config.hidden_size, n_banks)
     # everything checked: now the run directory (``run_id`` marks it: the same run again
     # resumes from the loop's checkpoint)
@@ -316,54 +467,82 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
                     key_dim=cfg.key_dim, layers=cfg.layers, routing=cfg.routing,
                     gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
-                    radius=cfg.radius or 0.98, backbone_path=str(model_path))
-    if m.keygate is not None:
+                    radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span)
+    writes, val_states = None, None
+    if m.keygate is not None and not seq:
         m.write_keys(enc)
         if cfg.radius is None and halves:
             val = np.concatenate([m.question_scores(encode_qa(tok, va))
                                   for va, _ in halves.values()])
             m.radius = pick_radius(val, cfg.radius_margin)
-        res["radius"] = m.radius
+    elif m.keygate is not None:  # keys are written one write at a time, by the plugin
+        if halves and len(halves["never_stored"][0]) >= 16:  # queries' whitening: before
+            m.fit_queries(encode_qa(tok, halves["never_stored"][0]))  # any write
+        if cfg.radius is None and halves:  # chosen again after each write
+            val_states = torch.cat([m.key_states(encode_qa(tok, va))
+                                    for va, _ in halves.values()])
+    if seq:
+        writes = np.array_split(np.arange(len(facts)), cfg.writes)
     # ---- tuning
+    value_lr = cfg.value_lr or (2.0 if cfg.routing == "key" else 0.5)
     plug = MemoryTuning(enc, longest, tok.pad_token_id, tau=cfg.tau, revisit=cfg.revisit,
-                        value_lr=cfg.value_lr, router_lr=cfg.router_lr, pin_steps=cfg.pin_steps,
-                        seed=cfg.seed, minutes=cfg.minutes)
-    steps = max(1, math.ceil(cfg.max_exposures * len(facts) / cfg.batch_size))
-    tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, log_every=50, precision="no",
-                       schedule="constant", clip=0, sparse_optimizer=cfg.sparse_optimizer,
-                       seed=cfg.seed)
+                        value_lr=value_lr, router_lr=cfg.router_lr, pin_steps=pin_steps,
+                        seed=cfg.seed, minutes=cfg.minutes, writes=writes, replay=cfg.replay,
+                        radius_from=val_states, radius_margin=cfg.radius_margin)
     t0 = time.perf_counter()
-    loop = Loop(m, QAStream(enc, longest, tok.pad_token_id, pack=False), tcfg, out, plugins=[plug],
-                tokenizer=tok, progress=progress, name="memory")
-    loop.run()
-    res["timing_s"]["tuning"] = time.perf_counter() - t0
-    res["tuning"] = {**plug.summary(), "steps": loop.history[-1]["step"] if loop.history else 0,
-                     "all_done": bool(plug.done.all())}
+    if not seq:
+        steps = max(1, math.ceil(cfg.max_exposures * len(facts) / cfg.batch_size))
+        tcfg = TrainConfig(steps=steps, batch_size=cfg.batch_size, log_every=50,
+                           precision="no", schedule="constant", clip=0,
+                           sparse_optimizer=cfg.sparse_optimizer, seed=cfg.seed)
+        loop = Loop(m, QAStream(enc, longest, tok.pad_token_id, pack=False), tcfg, out,
+                    plugins=[plug], tokenizer=tok, progress=progress, name="memory")
+        loop.run()
+        res["timing_s"]["tuning"] = time.perf_counter() - t0
+        n_steps = loop.history[-1]["step"] if loop.history else 0
+    else:
+        drv = _sequential(m, plug, enc, facts, tok, longest, halves, before, cfg, out, progress)
+        m = drv.model
+        from factlab.train.loop import export_model
+
+        export_model(m, out / "model", plugins=[plug], tokenizer=tok)
+        res["timing_s"]["tuning"] = drv.seconds["train"]
+        res["timing_s"]["evaluation_during_writes"] = drv.seconds["eval"]
+        n_steps = plug.steps_total
+        res["sequential"] = {"writes": len(writes), "facts_per_write":
+                             [int(min(len(w) for w in writes)), int(max(len(w) for w in writes))],
+                             "replay": cfg.replay, "pin_steps": pin_steps,
+                             "radius": "chosen again after each write on the validation "
+                                       "prompts" if val_states is not None else "fixed",
+                             "curve": [{"writes": r["t"], **r["acc"]}
+                                       for r in drv.R["rows"]]}
+    if m.keygate is not None:
+        res["radius"] = m.radius
+    res["tuning"] = {**plug.summary(), "steps": n_steps, "all_done": bool(plug.done.all())}
     # ---- after: generation first, teacher-forced beside
     t0 = time.perf_counter()
     m.eval()
-    after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg)
+    para = paraphrases(corpus, facts, names)[0] if corpus is not None else None
+    after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
     recs = after.pop("_records")
     correct = np.array([r["correct"] for r in recs])
     sc = score_encoded(m, enc, batch_size=cfg.eval_batch_size)
     res["reliability"] = {"generation_exact_match": after["reliability"],
                           "teacher_forced_all_argmax": float(sc.all_argmax.mean()),
                           "backbone_before": base_recall["exact_match"],
-                          "measured": "after all writes"}
+                          "measured": f"after all {cfg.writes} sequential writes" if seq
+                          else "after all writes (one write of every fact)"}
     res["recall_by_max_nll"] = M.recall_by_nll(sc.max_nll, correct)
     res["reliable_below_nll"] = M.reliable_below(sc.max_nll, correct)
     res["locality"] = after["locality"]
-    if corpus is not None:
-        para, _ = paraphrases(corpus, facts, names)
-        if para is not None:
-            g_met = evaluate_qa(m, tok, para, batch_size=cfg.eval_batch_size)[0]
-            g_bb = evaluate_qa(backbone, tok, para, batch_size=cfg.eval_batch_size)[0]
-            row = {"prompts": len(para), "generation_exact_match": g_met["exact_match"],
-                   "backbone": g_bb["exact_match"]}
-            if m.keygate is not None:
-                row["gate_open"] = float((m.question_scores(encode_qa(tok, para))
-                                          >= m.radius).mean())
-            res["generalization"] = row
+    if para is not None:
+        g_bb = evaluate_qa(backbone, tok, para, batch_size=cfg.eval_batch_size)[0]
+        row = {"prompts": len(para), "generation_exact_match": after.pop("generalization"),
+               "backbone": g_bb["exact_match"]}
+        if m.keygate is not None:
+            row["gate_open"] = float((m.question_scores(encode_qa(tok, para))
+                                      >= m.radius).mean())
+        res["generalization"] = row
     if m.keygate is not None:
         pos = m.question_scores(enc)
         neg = np.concatenate([m.question_scores(encode_qa(tok, te))
@@ -390,9 +569,14 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                                                if p.requires_grad),
                          "backbone": sum(p.numel() for p in backbone.parameters())}
     # ---- baselines: the same facts, the memory's exposure budget
-    budget = int(np.ceil(plug.exposures.sum() / cfg.batch_size))
+    if not seq:
+        budget = int(np.ceil(plug.exposures.sum() / cfg.batch_size))
+    else:  # steps per write: the memory's exposures per write, in batches of the write
+        budget = int(np.ceil(plug.exposures.sum() / len(writes) /
+                             min(cfg.batch_size, min(len(w) for w in writes))))
     res["baselines"] = {k: _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
-                                     halves, before, corpus, out, progress)
+                                     halves, before, corpus, out, progress, writes=writes,
+                                     para=para)
                         for k in cfg.baselines}
     # ---- write
     lines = "".join(json.dumps({**r, "name": names[int(r["person"])]}) + "\n" for r in recs)
@@ -421,8 +605,10 @@ def report(res: dict) -> str:
              f"{_pct(r['teacher_forced_all_argmax'])} |",
              f"| the backbone on the same questions, before | {_pct(r['backbone_before'])} |",
              f"| recall with the bank's values zeroed | {_pct(r['bank_zeroed'])} |",
-             f"| facts done (max-token NLL < {s['tau']} and all argmax) | {t['done']:,} / "
-             f"{t['facts']:,} |",
+             f"| facts done (max-token NLL < {s['tau']} and all argmax"
+             + ("; flags of each fact's own write, later writes may undo them"
+                if "sequential" in res and not s.get("replay") else "")
+             + f") | {t['done']:,} / {t['facts']:,} |",
              f"| exposures per fact: mean / max | {t['exposures_mean']:.1f} / {t['exposures_max']} |",
              f"| tuning steps / time | {t['steps']:,} / {res['timing_s']['tuning']:.0f} s |",
              f"| evaluation time (before / after) | {res['timing_s']['before']:.0f} s / "
@@ -456,13 +642,15 @@ def report(res: dict) -> str:
     if res.get("baselines"):
         lines += ["", "Baselines on the same facts, with the memory's exposure budget "
                       "(the same number of sequences; not tuned to their own best):", "",
-                  "| method | steps | time | trainable params | reliability | own questions "
-                  "unchanged | OOD before → after | never-stored unchanged | stored entities "
-                  "unchanged |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| method | steps | time | trainable params | reliability | generalization "
+                  "| own questions unchanged | OOD before → after | never-stored unchanged | "
+                  "stored entities unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
         own = res["locality"].get("own", {})
         lines.append(f"| memory (this run) | {t['steps']:,} | {res['timing_s']['tuning']:.0f} s "
                      f"| {res['parameters']['added']:,} added | "
-                     f"{_pct(r['generation_exact_match'])} | {_pct(own.get('unchanged'))} | "
+                     f"{_pct(r['generation_exact_match'])} | "
+                     f"{_pct(res.get('generalization', {}).get('generation_exact_match'))} | "
+                     f"{_pct(own.get('unchanged'))} | "
                      f"{_pct(own.get('ood_before'))} → {_pct(own.get('ood_after'))} | "
                      f"{_pct(res['locality'].get('never_stored', {}).get('unchanged'))} | "
                      f"{_pct(res['locality'].get('stored_entities', {}).get('unchanged'))} |")
@@ -471,10 +659,25 @@ def report(res: dict) -> str:
             o = lo.get("own", {})
             lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
                          f"{b['trainable_parameters']:,} | {_pct(b['reliability'])} | "
+                         f"{_pct(b.get('generalization'))} | "
                          f"{_pct(o.get('unchanged'))} | {_pct(o.get('ood_before'))} → "
                          f"{_pct(o.get('ood_after'))} | "
                          f"{_pct(lo.get('never_stored', {}).get('unchanged'))} | "
                          f"{_pct(lo.get('stored_entities', {}).get('unchanged'))} |")
+    if "sequential" in res:
+        sq = res["sequential"]
+        cols = [k for k in sq["curve"][0] if k != "writes"] if sq["curve"] else []
+        lines += ["", f"Sequential writes: {sq['writes']:,} writes of "
+                      f"{sq['facts_per_write'][0]}–{sq['facts_per_write'][1]} facts, one after "
+                      f"another (replay of earlier writes: {'yes' if sq['replay'] else 'no'}; "
+                      f"radius {sq['radius']}). Greedy exact match on the facts written so far "
+                      f"and on the first write's, and locality answers unchanged, along the "
+                      f"stream:", "",
+                  "| after write | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+                  "|---|" + "---|" * len(cols)]
+        for row in sq["curve"]:
+            lines.append(f"| {row['writes']:,} | " +
+                         " | ".join(_pct(row[c]) for c in cols) + " |")
     lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after tuning):", "",
               "| max-token NLL | facts | recall |", "|---|---|---|"]
     for b in res["recall_by_max_nll"]:

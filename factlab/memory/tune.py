@@ -28,6 +28,15 @@ the routers (dense, ``router_lr``; frozen from the start with ``hash`` routing a
 ``pin_steps`` steps with ``pinned``), the gates (dense). Negatives (``negatives``: encoded
 QA of facts the bank must not answer, with the backbone's own answers as targets) teach the
 gates and banks to leave other questions alone: ``negative_fraction`` of every batch.
+
+Sequential writes (lifelong editing, ``writes=[positions of write 1, write 2, ...]``): the
+plugin runs under the experience driver, one experience per write. Experience t writes
+its facts' keys, then trains only them (``replay=True``: done facts of every earlier write
+are revisited too, and retrained if they slipped); the routers count steps over the whole
+stream (pinned after ``pin_steps`` steps in all), and with ``radius_from`` (the key-layer
+states of validation questions the bank must not answer) the key gate's radius is chosen
+again after each write against the keys stored so far (``pick_radius``): it only rises,
+so a stored question never falls outside it.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ class MemoryTuning(Plugin):
                  revisit: float = 0.1, value_lr: float = 0.05, router_lr: float = 1e-3,
                  gate_lr: float = 1e-3, pin_steps: int = 200, seed: int = 0,
                  negatives=None, negative_fraction: float = 0.0, minutes: float | None = None,
-                 shrink: bool = True):
+                 shrink: bool = True, writes=None, replay: bool = False, radius_from=None,
+                 radius_margin: float = 0.5):
         if not tau > 0:
             raise FactlabError(f"memory tuning: tau must be > 0, got {tau}")
         if not 0 <= revisit < 1 or not 0 <= negative_fraction < 1:
@@ -74,6 +84,36 @@ class MemoryTuning(Plugin):
         self.exposures = np.zeros(n, dtype=np.int64)
         self.max_nll = np.full(n, np.inf)
         self.done_at = np.full(n, -1, dtype=np.int64)  # exposures when first done
+        self.writes = None if writes is None else [np.asarray(w, dtype=np.int64) for w in writes]
+        if self.writes is not None:
+            flat = np.concatenate(self.writes) if self.writes else np.zeros(0, np.int64)
+            if not self.writes or any(len(w) == 0 for w in self.writes) or \
+                    sorted(flat.tolist()) != list(range(n)):
+                raise FactlabError("memory tuning: writes must split the facts' positions "
+                                   "into non-empty parts, each fact in exactly one")
+        self.replay, self.radius_from = bool(replay), radius_from
+        self.radius_margin = float(radius_margin)
+        self.write = 0  # the write being trained (0: all facts at once)
+        self.active = np.ones(n, dtype=bool)  # the facts of this write
+        self.written = np.ones(n, dtype=bool)  # every fact written so far
+        self.steps_total = 0  # optimizer steps over all writes (pinning counts these)
+        self.completed = 0  # writes finished (the driver's experiences)
+        self._model = None
+
+    @property
+    def scope(self) -> np.ndarray:
+        """The facts this write trains and checks: its own, with ``replay`` every one
+        written so far."""
+        return self.written if self.replay else self.active
+
+    def _activate(self, t: int) -> None:
+        if not 1 <= t <= len(self.writes):
+            raise FactlabError(f"memory tuning: experience {t} of {len(self.writes)} writes")
+        self.write = t
+        self.active[:] = False
+        self.active[self.writes[t - 1]] = True
+        self.written[:] = False
+        self.written[np.concatenate(self.writes[:t])] = True
 
     # ------------------------------------------------------------------- setup
     def setup(self, loop) -> None:
@@ -81,9 +121,25 @@ class MemoryTuning(Plugin):
 
         if not isinstance(loop.model, MemoryModel):
             raise FactlabError(f"MemoryTuning trains a MemoryModel, got {type(loop.model).__name__}")
+        self._model = loop.model
+        enc = self.facts
+        if self.writes is not None:
+            if not getattr(loop, "experience", None):
+                raise FactlabError("memory tuning with writes runs under the experience "
+                                   "driver (one experience per write)")
+            self._activate(int(loop.experience))
+            enc = self.facts.take(self.writes[self.write - 1])
         if loop.model.keygate is not None:  # deterministic: a resumed run writes the same
-            loop.model.write_keys(self.facts)
-            sc = loop.model.question_scores(self.facts)
+            loop.model.write_keys(enc)
+            if self.radius_from is not None:  # against the keys stored so far
+                from factlab.memory.gate import pick_radius
+
+                # more keys, a higher nearest-key cosine for every negative: it only rises
+                # (the max keeps it so through float rounding of the growing products)
+                neg = loop.model.keygate.match(self.radius_from).cpu().numpy()
+                r = pick_radius(neg, self.radius_margin)
+                loop.model.radius = max(r, loop.model.radius) if self.write > 1 else r
+            sc = loop.model.question_scores(enc)
             shut = int((sc < loop.model.radius).sum())
             if shut:
                 raise FactlabError(
@@ -95,7 +151,7 @@ class MemoryTuning(Plugin):
         m = loop.model
         groups = [{"params": m.value_parameters(), "sparse": True, "lr": self.value_lr,
                    "name": "memory values"}]
-        if m.kw["routing"] != "hash":
+        if m.kw["routing"] not in ("hash", "key"):  # key routing has no router
             groups.append({"params": m.router_parameters(), "lr": self.router_lr,
                            "weight_decay": 0.0, "name": "memory routers"})
         if m.gate:
@@ -106,9 +162,11 @@ class MemoryTuning(Plugin):
     # ------------------------------------------------------------------ sampler
     def choose(self, step: int, n: int) -> tuple[np.ndarray, int]:
         """(positions of the facts of this step's batch, how many negatives to add)."""
-        g = np.random.default_rng([self.seed, step])
+        g = np.random.default_rng([self.seed, step] if not self.write else
+                                  [self.seed, self.write, step])
         neg = int(g.binomial(n, self.negative_fraction)) if self.negative_fraction else 0
-        todo, done = np.flatnonzero(~self.done), np.flatnonzero(self.done)
+        scope = self.scope
+        todo, done = np.flatnonzero(scope & ~self.done), np.flatnonzero(scope & self.done)
         m = n - neg
         if len(todo) and self.shrink:  # few facts left: a smaller batch, not one of revisits
             m = max(1, min(m, int(np.ceil(len(todo) / (1 - self.revisit)))))
@@ -128,7 +186,7 @@ class MemoryTuning(Plugin):
         return b
 
     def next_batch(self, loop, step: int, batch: dict) -> dict:
-        if loop.model.kw["routing"] == "pinned" and step >= self.pin_steps:
+        if loop.model.kw["routing"] == "pinned" and self.steps_total + step >= self.pin_steps:
             loop.model.freeze_routing()  # idempotent; a resumed run re-pins here
         n = int(batch["input_ids"].shape[0])
         pos, neg = self.choose(step, n)
@@ -157,13 +215,16 @@ class MemoryTuning(Plugin):
         return None
 
     def verify(self, model) -> np.ndarray:
-        """Score every fact on ``model`` now; refresh and return the done flags."""
+        """Score the facts in scope (every fact, unless writes are sequential) on
+        ``model`` now; refresh their done flags and return them."""
         from factlab.evaluate.score import score_encoded
 
-        sc = score_encoded(model, self.facts, batch_size=256)
-        self.max_nll = sc.max_nll.astype(np.float64)
-        self.done = (sc.max_nll < self.tau) & sc.all_argmax
-        return self.done
+        idx = np.flatnonzero(self.scope)
+        enc = self.facts if len(idx) == len(self.done) else self.facts.take(idx)
+        sc = score_encoded(model, enc, batch_size=256)
+        self.max_nll[idx] = sc.max_nll.astype(np.float64)
+        self.done[idx] = (sc.max_nll < self.tau) & sc.all_argmax
+        return self.done[idx]
 
     def after_step(self, loop, step: int, logs: dict) -> None:
         import time
@@ -172,18 +233,23 @@ class MemoryTuning(Plugin):
             self._t0 = time.perf_counter()
         if self.minutes is not None and time.perf_counter() - self._t0 > 60 * self.minutes:
             loop.stop()
-        if self.done.all():
+        if self.done[self.scope].all():
             was = loop.model.training
-            self.verify(loop.model)
+            ok = self.verify(loop.model)
             loop.model.train(was)
-            logs["verified"] = int(self.done.sum())
-            if self.done.all():
+            logs["verified"] = int(ok.sum())
+            if ok.all():
                 loop.stop()
         logs["facts_done"] = int(self.done.sum())
         logs["exposures_mean"] = float(self.exposures.mean())
 
+    def after_experience(self, loop, t: int) -> None:
+        self.steps_total += int(loop.step)
+        self.completed = int(t)
+
     def progress_text(self) -> str:
-        return (f"facts {int(self.done.sum())}/{len(self.done)} "
+        w = f"write {self.write}/{len(self.writes)} " if self.writes is not None else ""
+        return (f"{w}facts {int(self.done.sum())}/{len(self.done)} "
                 f"exposures {self.exposures.mean():.1f}/fact")
 
     def summary(self) -> dict:
@@ -194,10 +260,16 @@ class MemoryTuning(Plugin):
                 if (self.done_at >= 0).any() else None}
 
     def state_dict(self) -> dict:
-        return {"done": torch.from_numpy(self.done.copy()),
-                "exposures": torch.from_numpy(self.exposures.copy()),
-                "max_nll": torch.from_numpy(self.max_nll.copy()),
-                "done_at": torch.from_numpy(self.done_at.copy())}
+        st = {"done": torch.from_numpy(self.done.copy()),
+              "exposures": torch.from_numpy(self.exposures.copy()),
+              "max_nll": torch.from_numpy(self.max_nll.copy()),
+              "done_at": torch.from_numpy(self.done_at.copy()),
+              "steps_total": torch.tensor(self.steps_total),
+              "completed": torch.tensor(self.completed)}
+        kg = getattr(self._model, "keygate", None)
+        if kg is not None:  # the codebook is a buffer (in the trainable state); its radius
+            st["radius"] = torch.tensor(kg.radius, dtype=torch.float64)  # is not
+        return st
 
     def load_state_dict(self, state: dict) -> None:
         if state:
@@ -205,3 +277,8 @@ class MemoryTuning(Plugin):
             self.exposures = state["exposures"].numpy().copy()
             self.max_nll = state["max_nll"].numpy().copy()
             self.done_at = state["done_at"].numpy().copy()
+            self.steps_total = int(state.get("steps_total", torch.tensor(0)))
+            self.completed = int(state.get("completed", torch.tensor(0)))
+            kg = getattr(self._model, "keygate", None)
+            if kg is not None and "radius" in state:
+                kg.radius = float(state["radius"])

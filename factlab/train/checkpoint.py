@@ -84,6 +84,6 @@ def load_trainable(model, path: str | Path, frozen: dict | None = None, params=N
         what = f"missing {missing[0]!r}" if missing else f"unexpected {extra[0]!r}"
         raise FactlabError(f"{path}: does not fit the model ({what}; "
                            f"{len(missing)} missing, {len(extra)} unexpected)")
-    with torch.no_grad():
-        for k, v in want.items():
-            v.copy_(sd[k].to(v.device, v.dtype))
+    # through the modules' own loading: a buffer that grows during a run (a key gate's
+    # codebook) takes the saved size there
+    model.load_state_dict({k: sd[k] for k in want}, strict=False)
