@@ -138,7 +138,8 @@ def world_validate(path: Path = typer.Argument(..., help="fact file (JSONL or CS
                                      "ignore_unknown_options": True})
 def run(ctx: typer.Context,
         recipe: str = typer.Argument(..., help="recipe name (quickstart, fig3, mixed, "
-                                               "celebrity) or a path to a YAML file"),
+                                               "celebrity, random_labels) or a path to a "
+                                               "YAML file"),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
         force: bool = typer.Option(False, "--force", help="replace a run of another config"),
         ) -> None:
@@ -148,6 +149,24 @@ def run(ctx: typer.Context,
     from factlab.experiments.run import run_recipe
 
     _quiet_hf()
+    if recipe == "random_labels":  # a memory experiment over a trained cell, not cells
+        import json
+
+        from factlab.experiments.random_labels import (RandomLabelsSettings, report,
+                                                       run_random_labels)
+
+        cfg = build(RandomLabelsSettings, parse_overrides(list(ctx.args)),
+                    source="random_labels options")
+        target = out or Path("runs") / "random_labels"
+        marker = target / "random_labels.json"
+        if marker.is_file() and not force and \
+                json.loads(marker.read_text(encoding="utf-8")) != cfg.model_dump():
+            raise FactlabError(f"{target} holds a random_labels run of other settings; use "
+                               f"--force or another --out")
+        res = run_random_labels(cfg, target)
+        console.print(report(res), markup=False, highlight=False)
+        console.print(f"report: {target / 'report.md'}")
+        return
     r = load_recipe(recipe, list(ctx.args))
     target = out or Path("runs") / r.name
     results = run_recipe(r, target, force=force)

@@ -166,3 +166,40 @@ def test_paraphrases_of_stored_facts_come_from_the_world_templates():
         assert names[i] in q and q != facts.question[i]
     none, _ = paraphrases(world, attribute_facts(names, ["v"] * 6), names)  # access code
     assert none is None
+
+
+def test_random_labels_experiment_end_to_end(tiny, tmp_path):
+    import shutil
+
+    cell = tmp_path / "cell"  # a run cell's layout: world, QA-finetuned model, tokenizer
+    shutil.copytree(tiny / "world", cell / "world")
+    shutil.copytree(tiny / "hf", cell / "finetune" / "model")
+    out = tmp_path / "rl"
+    args = ["run", "random_labels", f"base={cell}", "facts=6", "lora_epochs=40",
+            "routings=[pinned]", "memory.n_keys=32", "memory.topk=4", "memory.key_dim=16",
+            "memory.max_exposures=600", "memory.locality_per_set=40", "memory.minutes=2",
+            "memory.baseline_evals=2", "--out", out]
+    assert cli(*args) == 0
+    res = json.loads((out / "results.json").read_text())
+    for kind in ("true", "random"):
+        r = res["kinds"][kind]["pinned"]
+        assert r["reliability"]["generation_exact_match"] == 1.0
+        assert r["locality"]["own"]["unchanged"] == 1.0
+        assert set(r["baselines"]) == {"lora", "full", "lora, own best", "full, own best"}
+        best = r["baselines"]["full, own best"]
+        assert best["epochs"] == 40 and len(best["curve"]) >= 2
+        assert best["best_recall"] == max(c["recall"] for c in best["curve"])
+    # the same questions, true vs random answers
+    t, rnd = (json.loads((out / k / "pinned" / "predictions_facts.jsonl").read_text()
+                         .splitlines()[0]) for k in ("true", "random"))
+    assert t["question"] == rnd["question"] and t["answer"] != rnd["answer"]
+    text = (out / "report.md").read_text()
+    assert "| random | memory, pinned routing | 100.0%" in text and "own best" in text
+    assert (out / "recall_by_nll.png").is_file() and (out / "baselines_recall.png").is_file()
+    assert cli(*args) == 0  # again: every finished run is reused
+    assert json.loads((out / "results.json").read_text()) == res
+    assert cli("run", "random_labels", f"base={tmp_path / 'nope'}", "--out",
+               tmp_path / "rl2") == 2
+    assert cli("run", "random_labels", f"base={cell}", "memory.bogus=1", "--out",
+               tmp_path / "rl3") == 2
+    assert not (tmp_path / "rl2").exists() and not (tmp_path / "rl3").exists()

@@ -86,6 +86,10 @@ class MemorySettings(Strict):
     # their own best): LoRA with the paper's recipe (r 32, Adafactor, lr 2e-4), full
     # finetuning (AdamW)
     baselines: list[Literal["lora", "full"]] = []
+    # each baseline also at its own best: this many epochs over the facts, recall
+    # (greedy) measured ``baseline_evals`` times along, best point and final reported
+    baseline_epochs: int | None = Field(None, ge=1)
+    baseline_evals: int = Field(10, ge=1)
     lora_lr: float = Field(2e-4, gt=0)
     full_lr: float = Field(3e-4, gt=0)
     locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
@@ -261,7 +265,7 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -
 
 
 def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, before, corpus,
-              out, progress, writes=None, para=None) -> dict:
+              out, progress, writes=None, para=None, epochs=None) -> dict:
     """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps; with
     ``writes`` (positions per write), one experience per write through the experience
     driver, ``steps`` steps each."""
@@ -283,9 +287,24 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
                            weight_decay=0.0, schedule="constant", log_every=50, seed=cfg.seed)
 
     t0 = time.perf_counter()
+    curve, evaluate = [], None
+    if writes is None and epochs:  # at its own best: epochs, recall measured along
+        from factlab.evaluate.generate import evaluate_qa
+
+        steps = max(1, math.ceil(epochs * len(facts) / cfg.batch_size))
+
+        def evaluate(loop, step):
+            r = evaluate_qa(loop.model, tok, facts, batch_size=cfg.eval_batch_size)[0]
+            curve.append({"epochs": step * cfg.batch_size / len(facts),
+                          "recall": r["exact_match"]})
+            return {"recall": r["exact_match"]}
     if writes is None:
+        c = tcfg(steps, cfg.batch_size)
+        if evaluate is not None:
+            c = c.model_copy(update={"eval_every": max(1, steps // cfg.baseline_evals)})
         loop = Loop(model, QAStream(enc, longest, tok.pad_token_id, pack=False),
-                    tcfg(steps, cfg.batch_size), out / f"baseline_{kind}", plugins=plugins,
+                    c, out / (f"baseline_{kind}" + ("_best" if epochs else "")),
+                    plugins=plugins, evaluate=evaluate,
                     progress=progress, name=kind, export=False, keep_checkpoint=False)
         loop.run()
         m, final = loop.model, loop.history[-1].get("loss") if loop.history else None
@@ -304,8 +323,13 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
     row.pop("_records")
-    return {**row, "steps": total, "tuning_s": tuned, "trainable_parameters": trainable,
-            "final_loss": final}
+    res = {**row, "steps": total, "tuning_s": tuned, "trainable_parameters": trainable,
+           "final_loss": final}
+    if curve:
+        best = max(curve, key=lambda r: r["recall"])
+        res.update(curve=curve, best_recall=best["recall"], best_epochs=best["epochs"],
+                   epochs=epochs)
+    return res
 
 
 class _WriteBar:
@@ -574,10 +598,15 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     else:  # steps per write: the memory's exposures per write, in batches of the write
         budget = int(np.ceil(plug.exposures.sum() / len(writes) /
                              min(cfg.batch_size, min(len(w) for w in writes))))
-    res["baselines"] = {k: _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
-                                     halves, before, corpus, out, progress, writes=writes,
-                                     para=para)
-                        for k in cfg.baselines}
+    res["baselines"] = {}
+    for k in cfg.baselines:
+        res["baselines"][k] = _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
+                                        halves, before, corpus, out, progress, writes=writes,
+                                        para=para)
+        if cfg.baseline_epochs and not seq:  # and at its own best
+            res["baselines"][f"{k}, own best"] = _baseline(
+                k, model_path, tok, facts, enc, longest, budget, cfg, halves, before, corpus,
+                out, progress, para=para, epochs=cfg.baseline_epochs)
     # ---- write
     lines = "".join(json.dumps({**r, "name": names[int(r["person"])]}) + "\n" for r in recs)
     atomic_write_text(out / "predictions_facts.jsonl", lines)
@@ -641,7 +670,12 @@ def report(res: dict) -> str:
                      f"{ss['facts_per_slot_max']} / {ss['facts_sharing']:,} |")
     if res.get("baselines"):
         lines += ["", "Baselines on the same facts, with the memory's exposure budget "
-                      "(the same number of sequences; not tuned to their own best):", "",
+                      "(the same number of sequences)"
+                  + ("" if not s.get("baseline_epochs") else
+                     f", and at their own best (\"own best\": {s['baseline_epochs']} epochs, "
+                     f"greedy recall measured {s['baseline_evals']} times along, the best "
+                     f"point in brackets, every other number after the last epoch)") + ":",
+                  "",
                   "| method | steps | time | trainable params | reliability | generalization "
                   "| own questions unchanged | OOD before → after | never-stored unchanged | "
                   "stored entities unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -658,7 +692,9 @@ def report(res: dict) -> str:
             lo = b["locality"]
             o = lo.get("own", {})
             lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
-                         f"{b['trainable_parameters']:,} | {_pct(b['reliability'])} | "
+                         f"{b['trainable_parameters']:,} | {_pct(b['reliability'])}"
+                         + (f" (best {_pct(b['best_recall'])} at {b['best_epochs']:.0f} "
+                            f"epochs)" if "best_recall" in b else "") + " | "
                          f"{_pct(b.get('generalization'))} | "
                          f"{_pct(o.get('unchanged'))} | {_pct(o.get('ood_before'))} → "
                          f"{_pct(o.get('ood_after'))} | "

@@ -1,0 +1,218 @@
+"""The random-label experiment (Lamini, "Banishing LLM Hallucinations Requires Rethinking
+Generalization"): a backbone that already knows a world learns N new facts twice — with
+values of one of the world's attributes (the "true" answers: the kind the backbone already
+produces) and with random 32-character strings — asked with the same questions.
+
+    factlab run random_labels base=runs/qs/multi5+permute facts=500 [seed=1] [--out DIR]
+
+For each answer kind, every memory routing in ``routings`` is one ``memory tune`` run
+(``factlab.memory.run.tune_memory``: key gate, measured after the write, locality sets
+recorded before it); the first also runs LoRA (the paper's recipe: r 32, Adafactor, lr
+2e-4) and full finetuning on the same facts, once with the memory's exposure budget and
+once at their own best (``lora_epochs`` epochs, recall measured along). The report puts
+the methods side by side — recall of the stored facts, the backbone's held-out (OOD)
+accuracy before and after (the paper's "generalization does not change"), unknown-entity
+hallucination, exposures, time, parameters — with greedy recall against the facts'
+max-token NLL (the "hallucinate above a loss threshold" reading) and the paper's claims
+beside them; plots: recall by NLL, and the baselines' recall against epochs.
+
+OUT/
+  random_labels.json        the settings (the same command again resumes each run)
+  true/ROUTING/, random/ROUTING/   one ``memory tune`` directory each (results.json, report)
+  results.json, report.md, recall_by_nll.png, baselines_recall.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from factlab.config import Strict, build
+from factlab.errors import FactlabError
+from factlab.io import atomic_write_text
+
+CLAIMS = {
+    "fit": "LLMs can easily fit random labels (the paper gives no numbers)",
+    "generalization": "... while generalization (held-out answers) does not change",
+    "threshold": "a fact is recalled only once its own loss is near zero: the model "
+                 "hallucinates above a loss threshold",
+}
+
+
+class RandomLabelsSettings(Strict):
+    base: str = Field(..., description="a trained run cell (e.g. runs/qs/multi5+permute)")
+    facts: int = Field(500, ge=1)
+    attribute: str = "birth_city"
+    seed: int = 0
+    routings: list[Literal["pinned", "learned", "key"]] = ["pinned", "learned"]
+    lora_epochs: int = Field(100, ge=1, description="epochs for the baselines' own best")
+    memory: dict = {}  # memory settings for every memory run (factlab.memory.run)
+
+
+def _cell(base: Path):
+    if not (base / "world" / "manifest.json").is_file():
+        raise FactlabError(f"random_labels: base={base} is not a run cell (no world/)")
+    m = next((base / s / "model" for s in ("finetune", "mixed", "pretrain")
+              if (base / s / "model" / "config.json").is_file()), None)
+    if m is None:
+        raise FactlabError(f"random_labels: {base} has no finished model")
+    return m, base / "world", base / "tokenizer" if (base / "tokenizer").is_dir() else m
+
+
+def run_random_labels(cfg: RandomLabelsSettings, out, *, progress: bool = True) -> dict:
+    from factlab.corpus import load_world
+    from factlab.memory.facts import fresh_names, random_answers, world_valued_facts
+    from factlab.memory.run import MemorySettings, tune_memory
+    from factlab.text.qa import QA
+
+    out = Path(out)
+    model, world, tok = _cell(Path(cfg.base))
+    corpus = load_world(world)
+    names = fresh_names(corpus.world, cfg.facts, cfg.seed)
+    true = world_valued_facts(corpus, names, cfg.attribute, cfg.seed)
+    rand = QA(person=true.person, attribute=true.attribute, template=true.template,
+              question=list(true.question), answer=random_answers(cfg.facts, cfg.seed),
+              attributes=true.attributes, heldout=False)
+    runs = []
+    for i, routing in enumerate(cfg.routings):
+        extra = {"baselines": ["lora", "full"], "baseline_epochs": cfg.lora_epochs} if i == 0 \
+            else {}
+        mcfg = build(MemorySettings, {**cfg.memory, "seed": cfg.seed, "routing": routing,
+                                      **extra}, source="random_labels memory settings")
+        runs.append((routing, mcfg))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "random_labels.json", cfg.model_dump_json(indent=1) + "\n")
+    results: dict = {"settings": cfg.model_dump(), "model": str(model), "kinds": {}}
+    for kind, facts in (("true", true), ("random", rand)):
+        results["kinds"][kind] = {}
+        for routing, mcfg in runs:
+            d = out / kind / routing
+            run_id = {"random_labels": cfg.model_dump(), "kind": kind, "routing": routing}
+            marker = d / "memory_run.json"
+            same = marker.is_file() and json.loads(marker.read_text()) == run_id
+            if same and (d / "results.json").is_file():  # finished: reuse
+                res = json.loads((d / "results.json").read_text())
+            else:
+                res = tune_memory(model, tok, facts, names, d, mcfg, corpus=corpus,
+                                  progress=progress, run_id=run_id, replace=not same)
+            results["kinds"][kind][routing] = res
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=float) + "\n")
+    _plots(out, results)
+    atomic_write_text(out / "report.md", report(results))
+    return results
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def rows(results: dict) -> list[dict]:
+    """One row per (answer kind, method): the numbers the report's table shows."""
+    out = []
+    for kind, by_routing in results["kinds"].items():
+        for routing, r in by_routing.items():
+            own = r.get("locality", {}).get("own", {})
+            ns = r.get("locality", {}).get("never_stored", {})
+            out.append({"kind": kind, "method": f"memory, {routing} routing",
+                        "recall": r["reliability"]["generation_exact_match"],
+                        "ood_before": own.get("ood_before"), "ood_after": own.get("ood_after"),
+                        "own_unchanged": own.get("unchanged"),
+                        "halluc_after": ns.get("hallucination_after", {}).get("stored_value"),
+                        "exposures": r["tuning"]["exposures_mean"],
+                        "seconds": r["timing_s"]["tuning"],
+                        "parameters": f"{r['parameters']['added']:,} added",
+                        "reliable_below": r.get("reliable_below_nll")})
+            for b, row in r.get("baselines", {}).items():
+                lo = row["locality"]
+                out.append({"kind": kind, "method": b, "recall": row["reliability"],
+                            "best": row.get("best_recall"), "best_epochs": row.get("best_epochs"),
+                            "ood_before": lo.get("own", {}).get("ood_before"),
+                            "ood_after": lo.get("own", {}).get("ood_after"),
+                            "own_unchanged": lo.get("own", {}).get("unchanged"),
+                            "halluc_after": lo.get("never_stored", {}).get(
+                                "hallucination_after", {}).get("stored_value"),
+                            "exposures": row["steps"] * r["settings"]["batch_size"] /
+                            r["facts"], "seconds": row["tuning_s"],
+                            "parameters": f"{row['trainable_parameters']:,} trained"})
+    return out
+
+
+def report(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"# The random-label experiment: {s['facts']:,} new facts on {results['model']}",
+             "", f"The same {s['facts']:,} questions about new names (\"{s['attribute']}\"), "
+             f"answered with values from the world's pool (true) or 32 random characters "
+             f"(random). Every number is greedy generation after the write; locality was "
+             f"recorded before it. Paper's claims: " +
+             "; ".join(CLAIMS.values()) + ".", "",
+             "| answers | method | recall | (best, epochs) | OOD before → after | own Qs "
+             "unchanged | never-stored answered with a stored value | exposures / fact | "
+             "time | parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows(results):
+        best = f"{_pct(r['best'])} at {r['best_epochs']:.0f}" if r.get("best") is not None \
+            else ""
+        lines.append(f"| {r['kind']} | {r['method']} | {_pct(r['recall'])} | {best} | "
+                     f"{_pct(r['ood_before'])} → {_pct(r['ood_after'])} | "
+                     f"{_pct(r['own_unchanged'])} | {_pct(r['halluc_after'])} | "
+                     f"{r['exposures']:.1f} | {r['seconds']:.0f} s | {r['parameters']} |")
+    lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after tuning; "
+                  "memory runs), and the NLL below which recall is reliable (≥ 99%):", "",
+              "| answers | routing | reliable below | " + " | ".join(
+                  _bins(results)) + " |", "|---|---|---|" + "---|" * len(_bins(results))]
+    for kind, by in results["kinds"].items():
+        for routing, r in by.items():
+            cells = {f"[{b['nll_from']:.3g}, {b['nll_to']:.3g})":
+                     f"{_pct(b['recall'])} of {b['facts']}" if b["facts"] else ""
+                     for b in r["recall_by_max_nll"]}
+            rb = r.get("reliable_below_nll")
+            rb = "–" if rb is None else "every fact" if rb == float("inf") else f"{rb:.3g}"
+            lines.append(f"| {kind} | {routing} | {rb} | " +
+                         " | ".join(cells.get(b, "") for b in _bins(results)) + " |")
+    lines += ["", "Plots: `recall_by_nll.png`, `baselines_recall.png`. Each run's own report: "
+                  "`KIND/ROUTING/report.md`.", ""]
+    return "\n".join(lines)
+
+
+def _bins(results: dict) -> list[str]:
+    for by in results["kinds"].values():
+        for r in by.values():
+            return [f"[{b['nll_from']:.3g}, {b['nll_to']:.3g})" for b in r["recall_by_max_nll"]]
+    return []
+
+
+def _plots(out: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, by in results["kinds"].items():
+        for routing, r in by.items():
+            pts = [(i, b["recall"]) for i, b in enumerate(r["recall_by_max_nll"]) if b["facts"]]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{kind}, {routing}")
+    ax.set_xticks(range(len(_bins(results))), _bins(results), rotation=45, fontsize=6)
+    ax.set_xlabel("max-token NLL of the fact (teacher-forced)")
+    ax.set_ylabel("greedy recall")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "recall_by_nll.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, by in results["kinds"].items():
+        for r in by.values():
+            for b, row in r.get("baselines", {}).items():
+                if row.get("curve"):
+                    ax.plot([c["epochs"] for c in row["curve"]],
+                            [c["recall"] for c in row["curve"]], marker=".",
+                            label=f"{kind}, {b}")
+    ax.set_xlabel("epochs over the facts")
+    ax.set_ylabel("greedy recall")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "baselines_recall.png", dpi=120)
+    plt.close(fig)
