@@ -189,6 +189,14 @@ def _plots(out: Path, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def save(fig, ax, xlabel, name):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("greedy recall")
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind, by in results["kinds"].items():
         for routing, r in by.items():
@@ -196,12 +204,7 @@ def _plots(out: Path, results: dict) -> None:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{kind}, {routing}")
     ax.set_xticks(range(len(_bins(results))), _bins(results), rotation=45, fontsize=6)
-    ax.set_xlabel("max-token NLL of the fact (teacher-forced)")
-    ax.set_ylabel("greedy recall")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "recall_by_nll.png", dpi=120)
-    plt.close(fig)
+    save(fig, ax, "max-token NLL of the fact (teacher-forced)", "recall_by_nll.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind, by in results["kinds"].items():
         for r in by.values():
@@ -210,9 +213,4 @@ def _plots(out: Path, results: dict) -> None:
                     ax.plot([c["epochs"] for c in row["curve"]],
                             [c["recall"] for c in row["curve"]], marker=".",
                             label=f"{kind}, {b}")
-    ax.set_xlabel("epochs over the facts")
-    ax.set_ylabel("greedy recall")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out / "baselines_recall.png", dpi=120)
-    plt.close(fig)
+    save(fig, ax, "epochs over the facts", "baselines_recall.png")
