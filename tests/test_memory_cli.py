@@ -178,7 +178,7 @@ def test_random_labels_experiment_end_to_end(tiny, tmp_path):
     args = ["run", "random_labels", f"base={cell}", "facts=6", "lora_epochs=40",
             "routings=[pinned]", "memory.n_keys=32", "memory.topk=4", "memory.key_dim=16",
             "memory.max_exposures=600", "memory.locality_per_set=40", "memory.minutes=2",
-            "memory.baseline_evals=2", "--out", out]
+            "memory.baseline_evals=2", "memory.full_lrs=[3e-4,1e-3]", "--out", out]
     assert cli(*args) == 0
     res = json.loads((out / "results.json").read_text())
     for kind in ("true", "random"):
@@ -189,6 +189,9 @@ def test_random_labels_experiment_end_to_end(tiny, tmp_path):
         best = r["baselines"]["full, own best"]
         assert best["epochs"] == 40 and len(best["curve"]) >= 2
         assert best["best_recall"] == max(c["recall"] for c in best["curve"])
+        assert [g["lr"] for g in best["lr_grid"]] == [3e-4, 1e-3]  # the best of the grid
+        assert best["best_recall"] == max(g["best_recall"] for g in best["lr_grid"])
+        assert "recall_by_max_nll" in best
     # the same questions, true vs random answers
     t, rnd = (json.loads((out / k / "pinned" / "predictions_facts.jsonl").read_text()
                          .splitlines()[0]) for k in ("true", "random"))

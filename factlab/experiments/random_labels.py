@@ -43,6 +43,9 @@ CLAIMS = {
 
 
 class RandomLabelsSettings(Strict):
+    """``memory.lora_lrs`` / ``memory.full_lrs``: the grids the baselines' own best is
+    taken over (default: the paper's lr 2e-4 for LoRA, 3e-4 for full finetuning)."""
+
     base: str = Field(..., description="a trained run cell (e.g. runs/qs/multi5+permute)")
     facts: int = Field(500, ge=1)
     attribute: str = "birth_city"
@@ -129,6 +132,7 @@ def rows(results: dict) -> list[dict]:
                 lo = row["locality"]
                 out.append({"kind": kind, "method": b, "recall": row["reliability"],
                             "best": row.get("best_recall"), "best_epochs": row.get("best_epochs"),
+                            "lr": row.get("lr"),
                             "ood_before": lo.get("own", {}).get("ood_before"),
                             "ood_after": lo.get("own", {}).get("ood_after"),
                             "own_unchanged": lo.get("own", {}).get("unchanged"),
@@ -152,28 +156,36 @@ def report(results: dict) -> str:
              "unchanged | never-stored answered with a stored value | exposures / fact | "
              "time | parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(results):
-        best = f"{_pct(r['best'])} at {r['best_epochs']:.0f}" if r.get("best") is not None \
-            else ""
+        best = f"{_pct(r['best'])} at {r['best_epochs']:.0f}, lr {r['lr']:g}" \
+            if r.get("best") is not None else ""
         lines.append(f"| {r['kind']} | {r['method']} | {_pct(r['recall'])} | {best} | "
                      f"{_pct(r['ood_before'])} → {_pct(r['ood_after'])} | "
                      f"{_pct(r['own_unchanged'])} | {_pct(r['halluc_after'])} | "
                      f"{r['exposures']:.1f} | {r['seconds']:.0f} s | {r['parameters']} |")
-    lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after tuning; "
-                  "memory runs), and the NLL below which recall is reliable (≥ 99%):", "",
-              "| answers | routing | reliable below | " + " | ".join(
+    lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after the "
+                  "write), and the NLL below which recall is reliable (≥ 99%):", "",
+              "| answers | method | reliable below | " + " | ".join(
                   _bins(results)) + " |", "|---|---|---|" + "---|" * len(_bins(results))]
     for kind, by in results["kinds"].items():
-        for routing, r in by.items():
-            cells = {f"[{b['nll_from']:.3g}, {b['nll_to']:.3g})":
-                     f"{_pct(b['recall'])} of {b['facts']}" if b["facts"] else ""
-                     for b in r["recall_by_max_nll"]}
-            rb = r.get("reliable_below_nll")
-            rb = "–" if rb is None else "every fact" if rb == float("inf") else f"{rb:.3g}"
-            lines.append(f"| {kind} | {routing} | {rb} | " +
-                         " | ".join(cells.get(b, "") for b in _bins(results)) + " |")
+        for routing, run in by.items():
+            methods = [(f"memory, {routing}", run)] + [
+                (b, row) for b, row in run.get("baselines", {}).items()
+                if "recall_by_max_nll" in row]
+            for method, r in methods:
+                lines.append(_nll_row(results, kind, method, r))
     lines += ["", "Plots: `recall_by_nll.png`, `baselines_recall.png`. Each run's own report: "
                   "`KIND/ROUTING/report.md`.", ""]
     return "\n".join(lines)
+
+
+def _nll_row(results, kind, method, r) -> str:
+    cells = {f"[{b['nll_from']:.3g}, {b['nll_to']:.3g})":
+             f"{_pct(b['recall'])} of {b['facts']}" if b["facts"] else ""
+             for b in r["recall_by_max_nll"]}
+    rb = r.get("reliable_below_nll")
+    rb = "–" if rb is None else "every fact" if rb == float("inf") else f"{rb:.3g}"
+    return (f"| {kind} | {method} | {rb} | " +
+            " | ".join(cells.get(b, "") for b in _bins(results)) + " |")
 
 
 def _bins(results: dict) -> list[str]:

@@ -90,6 +90,10 @@ class MemorySettings(Strict):
     # (greedy) measured ``baseline_evals`` times along, best point and final reported
     baseline_epochs: int | None = Field(None, ge=1)
     baseline_evals: int = Field(10, ge=1)
+    # own best also over these learning rates (the one with the best recall is reported;
+    # [] = lora_lr / full_lr alone)
+    lora_lrs: list[float] = []
+    full_lrs: list[float] = []
     lora_lr: float = Field(2e-4, gt=0)
     full_lr: float = Field(3e-4, gt=0)
     locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
@@ -265,7 +269,7 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -
 
 
 def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, before, corpus,
-              out, progress, writes=None, para=None, epochs=None) -> dict:
+              out, progress, writes=None, para=None, epochs=None, lr=None) -> dict:
     """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps; with
     ``writes`` (positions per write), one experience per write through the experience
     driver, ``steps`` steps each."""
@@ -282,7 +286,7 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
 
     def tcfg(n_steps, batch):
         return TrainConfig(steps=max(1, n_steps), batch_size=batch, precision="no",
-                           lr=cfg.lora_lr if kind == "lora" else cfg.full_lr,
+                           lr=lr or (cfg.lora_lr if kind == "lora" else cfg.full_lr),
                            optimizer="adafactor" if kind == "lora" else "adamw",
                            weight_decay=0.0, schedule="constant", log_every=50, seed=cfg.seed)
 
@@ -303,7 +307,7 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
         if evaluate is not None:
             c = c.model_copy(update={"eval_every": max(1, steps // cfg.baseline_evals)})
         loop = Loop(model, QAStream(enc, longest, tok.pad_token_id, pack=False),
-                    c, out / (f"baseline_{kind}" + ("_best" if epochs else "")),
+                    c, out / (f"baseline_{kind}" + (f"_best_lr{c.lr:g}" if epochs else "")),
                     plugins=plugins, evaluate=evaluate,
                     progress=progress, name=kind, export=False, keep_checkpoint=False)
         loop.run()
@@ -322,9 +326,17 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
     m.eval()
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
     row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
-    row.pop("_records")
+    recs = row.pop("_records")
+    # the "hallucinate above a loss threshold" reading, for the finetuned model too
+    from factlab.evaluate.score import score_encoded
+    from factlab.memory import metrics as M
+
+    sc = score_encoded(m, enc, batch_size=cfg.eval_batch_size)
+    correct = np.array([r["correct"] for r in recs])
     res = {**row, "steps": total, "tuning_s": tuned, "trainable_parameters": trainable,
-           "final_loss": final}
+           "final_loss": final, "lr": lr or (cfg.lora_lr if kind == "lora" else cfg.full_lr),
+           "recall_by_max_nll": M.recall_by_nll(sc.max_nll, correct),
+           "reliable_below_nll": M.reliable_below(sc.max_nll, correct)}
     if curve:
         best = max(curve, key=lambda r: r["recall"])
         res.update(curve=curve, best_recall=best["recall"], best_epochs=best["epochs"],
@@ -603,10 +615,16 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         res["baselines"][k] = _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
                                         halves, before, corpus, out, progress, writes=writes,
                                         para=para)
-        if cfg.baseline_epochs and not seq:  # and at its own best
-            res["baselines"][f"{k}, own best"] = _baseline(
-                k, model_path, tok, facts, enc, longest, budget, cfg, halves, before, corpus,
-                out, progress, para=para, epochs=cfg.baseline_epochs)
+        if cfg.baseline_epochs and not seq:  # and at its own best (over the lr grid)
+            tries = [_baseline(k, model_path, tok, facts, enc, longest, budget, cfg, halves,
+                               before, corpus, out, progress, para=para,
+                               epochs=cfg.baseline_epochs, lr=lr)
+                     for lr in ((cfg.lora_lrs if k == "lora" else cfg.full_lrs) or [None])]
+            best = max(tries, key=lambda b: b["best_recall"])
+            best["lr_grid"] = [{"lr": b["lr"], "best_recall": b["best_recall"],
+                                "best_epochs": b["best_epochs"], "reliability": b["reliability"]}
+                               for b in tries]
+            res["baselines"][f"{k}, own best"] = best
     # ---- write
     lines = "".join(json.dumps({**r, "name": names[int(r["person"])]}) + "\n" for r in recs)
     atomic_write_text(out / "predictions_facts.jsonl", lines)
@@ -694,7 +712,7 @@ def report(res: dict) -> str:
             lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
                          f"{b['trainable_parameters']:,} | {_pct(b['reliability'])}"
                          + (f" (best {_pct(b['best_recall'])} at {b['best_epochs']:.0f} "
-                            f"epochs)" if "best_recall" in b else "") + " | "
+                            f"epochs, lr {b['lr']:g})" if "best_recall" in b else "") + " | "
                          f"{_pct(b.get('generalization'))} | "
                          f"{_pct(o.get('unchanged'))} | {_pct(o.get('ood_before'))} → "
                          f"{_pct(o.get('ood_after'))} | "
