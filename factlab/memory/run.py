@@ -620,7 +620,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                                before, corpus, out, progress, para=para,
                                epochs=cfg.baseline_epochs, lr=lr)
                      for lr in ((cfg.lora_lrs if k == "lora" else cfg.full_lrs) or [None])]
-            best = max(tries, key=lambda b: b["best_recall"])
+            # the best recall; of equals, the one that got there in fewest epochs
+            best = max(tries, key=lambda b: (b["best_recall"], -b["best_epochs"]))
             best["lr_grid"] = [{"lr": b["lr"], "best_recall": b["best_recall"],
                                 "best_epochs": b["best_epochs"], "reliability": b["reliability"]}
                                for b in tries]
