@@ -354,13 +354,11 @@ def _memory_target(model: Path, world: Optional[Path], tokenizer: Optional[Path]
     """A run cell (its QA-finetuned model, world, tokenizer) or a model directory."""
     if not model.exists():
         raise FactlabError(f"{model}: no such model directory or run cell")
-    if (model / "world" / "manifest.json").is_file():
-        m = next((model / s / "model" for s in ("finetune", "mixed", "pretrain")
-                  if (model / s / "model" / "config.json").is_file()), None)
-        if m is None:
-            raise FactlabError(f"{model}: a run cell without a finished model")
-        tok = tokenizer or (model / "tokenizer" if (model / "tokenizer").is_dir() else m)
-        return m, world or model / "world", tok
+    from factlab.experiments.run import cell_model
+
+    cell = cell_model(model)
+    if cell is not None:
+        return cell[0], world or cell[1], tokenizer or cell[2]
     return model, world, tokenizer or _tokenizer_dir(model)
 
 

@@ -175,7 +175,7 @@ def test_random_labels_experiment_end_to_end(tiny, tmp_path):
     shutil.copytree(tiny / "world", cell / "world")
     shutil.copytree(tiny / "hf", cell / "finetune" / "model")
     out = tmp_path / "rl"
-    args = ["run", "random_labels", f"base={cell}", "facts=6", "lora_epochs=40",
+    args = ["run", "random_labels", f"base={cell}", "facts=6", "baseline_epochs=40",
             "routings=[pinned]", "memory.n_keys=32", "memory.topk=4", "memory.key_dim=16",
             "memory.max_exposures=600", "memory.locality_per_set=40", "memory.minutes=2",
             "memory.baseline_evals=2", "memory.full_lrs=[3e-4,1e-3]", "--out", out]

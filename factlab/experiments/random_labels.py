@@ -9,7 +9,7 @@ For each answer kind, every memory routing in ``routings`` is one ``memory tune`
 (``factlab.memory.run.tune_memory``: key gate, measured after the write, locality sets
 recorded before it); the first also runs LoRA (the paper's recipe: r 32, Adafactor, lr
 2e-4) and full finetuning on the same facts, once with the memory's exposure budget and
-once at their own best (``lora_epochs`` epochs, recall measured along). The report puts
+once at their own best (``baseline_epochs`` epochs, recall measured along). The report puts
 the methods side by side — recall of the stored facts, the backbone's held-out (OOD)
 accuracy before and after (the paper's "generalization does not change"), unknown-entity
 hallucination, exposures, time, parameters — with greedy recall against the facts'
@@ -51,28 +51,23 @@ class RandomLabelsSettings(Strict):
     attribute: str = "birth_city"
     seed: int = 0
     routings: list[Literal["pinned", "learned", "key"]] = ["pinned", "learned"]
-    lora_epochs: int = Field(100, ge=1, description="epochs for the baselines' own best")
+    baseline_epochs: int = Field(100, ge=1, description="epochs of LoRA and full "
+                                 "finetuning at their own best")
     memory: dict = {}  # memory settings for every memory run (factlab.memory.run)
-
-
-def _cell(base: Path):
-    if not (base / "world" / "manifest.json").is_file():
-        raise FactlabError(f"random_labels: base={base} is not a run cell (no world/)")
-    m = next((base / s / "model" for s in ("finetune", "mixed", "pretrain")
-              if (base / s / "model" / "config.json").is_file()), None)
-    if m is None:
-        raise FactlabError(f"random_labels: {base} has no finished model")
-    return m, base / "world", base / "tokenizer" if (base / "tokenizer").is_dir() else m
 
 
 def run_random_labels(cfg: RandomLabelsSettings, out, *, progress: bool = True) -> dict:
     from factlab.corpus import load_world
     from factlab.memory.facts import fresh_names, random_answers, world_valued_facts
+    from factlab.experiments.run import cell_model
     from factlab.memory.run import MemorySettings, tune_memory
     from factlab.text.qa import QA
 
     out = Path(out)
-    model, world, tok = _cell(Path(cfg.base))
+    cell = cell_model(Path(cfg.base))
+    if cell is None:
+        raise FactlabError(f"random_labels: base={cfg.base} is not a run cell (no world/)")
+    model, world, tok = cell
     corpus = load_world(world)
     names = fresh_names(corpus.world, cfg.facts, cfg.seed)
     true = world_valued_facts(corpus, names, cfg.attribute, cfg.seed)
@@ -81,7 +76,7 @@ def run_random_labels(cfg: RandomLabelsSettings, out, *, progress: bool = True) 
               attributes=true.attributes, heldout=False)
     runs = []
     for i, routing in enumerate(cfg.routings):
-        extra = {"baselines": ["lora", "full"], "baseline_epochs": cfg.lora_epochs} if i == 0 \
+        extra = {"baselines": ["lora", "full"], "baseline_epochs": cfg.baseline_epochs} if i == 0 \
             else {}
         mcfg = build(MemorySettings, {**cfg.memory, "seed": cfg.seed, "routing": routing,
                                       **extra}, source="random_labels memory settings")
@@ -126,8 +121,7 @@ def rows(results: dict) -> list[dict]:
                         "halluc_after": ns.get("hallucination_after", {}).get("stored_value"),
                         "exposures": r["tuning"]["exposures_mean"],
                         "seconds": r["timing_s"]["tuning"],
-                        "parameters": f"{r['parameters']['added']:,} added",
-                        "reliable_below": r.get("reliable_below_nll")})
+                        "parameters": f"{r['parameters']['added']:,} added"})
             for b, row in r.get("baselines", {}).items():
                 lo = row["locality"]
                 out.append({"kind": kind, "method": b, "recall": row["reliability"],

@@ -34,6 +34,19 @@ from factlab.experiments.recipe import CellConfig, Recipe
 from factlab.io import atomic_write_text
 
 
+def cell_model(cell: Path):
+    """A finished run cell's (model, world, tokenizer) directories: the model of its last
+    training stage (finetune, mixed, else pretrain). None if ``cell`` is not a run cell."""
+    cell = Path(cell)
+    if not (cell / "world" / "manifest.json").is_file():
+        return None
+    m = next((cell / s / "model" for s in ("finetune", "mixed", "pretrain")
+              if (cell / s / "model" / "config.json").is_file()), None)
+    if m is None:
+        raise FactlabError(f"{cell}: a run cell without a finished model")
+    return m, cell / "world", cell / "tokenizer" if (cell / "tokenizer").is_dir() else m
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 

@@ -348,7 +348,7 @@ class _WriteBar:
     """One progress line for a stream of writes (the loops' own bars stay off)."""
 
     def __init__(self, plug, total: int, on: bool):
-        self.plug, self.total, self.bar = plug, total, None
+        self.plug, self.bar = plug, None
         if on:
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                        TimeElapsedColumn, TimeRemainingColumn)
