@@ -29,6 +29,9 @@ app.add_typer(model_app, name="model")
 memory_app = typer.Typer(no_args_is_help=True,
                          help="Store facts in a memory bank on a frozen model; ask it.")
 app.add_typer(memory_app, name="memory")
+stream_app = typer.Typer(no_args_is_help=True,
+                         help="Make and inspect fact streams (continual learning).")
+app.add_typer(stream_app, name="stream")
 console = Console()
 err = Console(stderr=True)
 
@@ -138,8 +141,8 @@ def world_validate(path: Path = typer.Argument(..., help="fact file (JSONL or CS
                                      "ignore_unknown_options": True})
 def run(ctx: typer.Context,
         recipe: str = typer.Argument(..., help="recipe name (quickstart, fig3, mixed, "
-                                               "celebrity, random_labels) or a path to a "
-                                               "YAML file"),
+                                               "celebrity, random_labels, continual, "
+                                               "continual-full) or a path to a YAML file"),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
         force: bool = typer.Option(False, "--force", help="replace a run of another config"),
         ) -> None:
@@ -149,6 +152,26 @@ def run(ctx: typer.Context,
     from factlab.experiments.run import run_recipe
 
     _quiet_hf()
+    if recipe in ("continual", "continual-full"):  # methods over fact streams from a cell
+        import shutil
+
+        from factlab.continual import report as CR
+        from factlab.continual import run as CN
+
+        full = recipe == "continual-full"
+        cfg = build(CN.ContinualFullSettings if full else CN.ContinualSettings,
+                    parse_overrides(list(ctx.args)), source=f"{recipe} options")
+        target = out or Path("runs") / recipe
+        marker = target / ("continual_full.json" if full else "continual.json")
+        if force and marker.is_file():
+            shutil.rmtree(target)
+        if full:
+            text = CR.write_full_report(CN.run_continual_full(cfg, target), target)
+        else:
+            text = CR.write_report(CN.run_continual(cfg, target), target)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"report: {target / 'report.md'}")
+        return
     if recipe == "random_labels":  # a memory experiment over a trained cell, not cells
         import json
 
@@ -178,6 +201,81 @@ def run(ctx: typer.Context,
                   f"{res['id']['exact_match']:.1%}", f"{res['seconds']:.0f}")
     console.print(t)
     console.print(f"report: {target / 'report.md'}")
+
+
+@stream_app.command("make")
+def stream_make(
+    out: Path = typer.Argument(..., help="stream directory to create"),
+    base: Optional[Path] = typer.Option(None, "--base", help="a trained run cell (its world "
+                                        "and model are the stream's base)"),
+    world: Optional[Path] = typer.Option(None, "--world", help="or a world directory (no "
+                                         "model recorded)"),
+    cohorts: int = typer.Option(2, "--cohorts", help="cohort experiences"),
+    people: int = typer.Option(100, "--people", help="people per cohort"),
+    updates: float = typer.Option(0.2, "--updates", help="fraction of known people updated "
+                                  "in the update experience (0: none)"),
+    attribute: str = typer.Option("employer", "--attribute", help="the attribute updated"),
+    who: str = typer.Option("both", "--who", help="updated people: train, test or both"),
+    order: Optional[str] = typer.Option(None, "--order", help="experience kinds in order, "
+                                        "e.g. cohort,update,cohort"),
+    seed: int = typer.Option(0, "--seed"),
+    force: bool = typer.Option(False, "--force", help="replace an existing directory"),
+) -> None:
+    """Make a stream: the base world followed by cohorts of new people and updates."""
+    from factlab.corpus import load_world
+    from factlab.corpus.stream import StreamConfig, counts, make_stream, save_stream
+    from factlab.experiments.run import cell_model
+
+    if (base is None) == (world is None):
+        raise FactlabError("give exactly one of --base RUN_CELL or --world WORLD_DIR")
+    if out.exists() and not force:
+        raise FactlabError(f"{out} exists; use --force to replace it")
+    cfg = build(StreamConfig, {"cohorts": cohorts, "people": people, "updates": updates,
+                               "attribute": attribute, "who": who, "seed": seed,
+                               **({"order": order.split(",")} if order else {})},
+                source="stream options")
+    meta = {}
+    if base is not None:
+        cell = cell_model(base)
+        if cell is None:
+            raise FactlabError(f"--base {base} is not a run cell (no world/)")
+        m, world, tok = cell
+        meta = {"cell": str(base.resolve()), "model": str(Path(m).resolve()),
+                "tokenizer": str(Path(tok).resolve())}
+    corpus = make_stream(load_world(world), cfg)
+    save_stream(corpus, out, cfg=cfg, base=meta, force=force)
+    _print_stream(corpus)
+    console.print(f"stream written to {out}")
+
+
+def _print_stream(corpus) -> None:
+    from factlab.corpus.stream import counts
+
+    c = counts(corpus)
+    t = RichTable(title="experiences (test facts per label in each column)")
+    for col in ("t", "kind", "people (P_train/P_test)", "values updated", "invariant",
+                "updated", "new"):
+        t.add_column(col)
+    for e in c["experiences"]:
+        t.add_row(str(e["experience"]), e["kind"],
+                  f"{e['people']} ({e['p_train']}/{e['p_test']})" if e["people"] else "-",
+                  f"{e['updated_values']} ({e['updated_people']} people)"
+                  if e["updated_values"] else "-",
+                  str(e["invariant"]), str(e["updated"]), str(e["new"]))
+    console.print(t)
+    console.print(f"unknown people's facts (hallucination probes): {c['unknown']}; "
+                  f"test facts in all: {c['total']}")
+
+
+@stream_app.command("show")
+def stream_show(path: Path = typer.Argument(..., help="stream directory")) -> None:
+    """Counts per experience and label; the base the stream starts from."""
+    from factlab.corpus.stream import load_stream
+
+    corpus, meta = load_stream(path)
+    _print_stream(corpus)
+    b = meta.get("base") or {}
+    console.print(f"base: {b.get('cell') or b.get('model') or '(none recorded)'}")
 
 
 @app.command("quickstart")
