@@ -210,6 +210,15 @@ def stream_make(
                                         "and model are the stream's base)"),
     world: Optional[Path] = typer.Option(None, "--world", help="or a world directory (no "
                                          "model recorded)"),
+    facts: Optional[list[Path]] = typer.Option(None, "--facts", help="or your fact files, "
+                                               "one per experience (repeat; the first is "
+                                               "the base world)"),
+    templates: Optional[Path] = typer.Option(None, "--templates", help="templates YAML "
+                                             "for --facts"),
+    model: Optional[Path] = typer.Option(None, "--model", help="with --facts: the model "
+                                         "that knows the first file (an HF directory)"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="with --model: its "
+                                             "tokenizer if not in the model directory"),
     cohorts: int = typer.Option(2, "--cohorts", help="cohort experiences"),
     people: int = typer.Option(100, "--people", help="people per cohort"),
     updates: float = typer.Option(0.2, "--updates", help="fraction of known people updated "
@@ -221,15 +230,29 @@ def stream_make(
     seed: int = typer.Option(0, "--seed"),
     force: bool = typer.Option(False, "--force", help="replace an existing directory"),
 ) -> None:
-    """Make a stream: the base world followed by cohorts of new people and updates."""
+    """Make a stream: the base world followed by cohorts of new people and updates (drawn
+    from a world), or your fact files one per experience."""
     from factlab.corpus import load_world
-    from factlab.corpus.stream import StreamConfig, counts, make_stream, save_stream
+    from factlab.corpus.stream import StreamConfig, make_stream, make_user_stream, save_stream
     from factlab.experiments.run import cell_model
 
-    if (base is None) == (world is None):
-        raise FactlabError("give exactly one of --base RUN_CELL or --world WORLD_DIR")
+    if sum(x is not None and x != [] for x in (base, world, facts)) != 1:
+        raise FactlabError("give exactly one of --base RUN_CELL, --world WORLD_DIR or --facts "
+                           "FILE --facts FILE ...")
     if out.exists() and not force:
         raise FactlabError(f"{out} exists; use --force to replace it")
+    if facts:
+        for p in [model, tokenizer]:
+            if p is not None and not p.exists():
+                raise FactlabError(f"{p}: no such directory")
+        corpus = make_user_stream(facts, templates=str(templates) if templates else None,
+                                  seed=seed)
+        meta = {"model": str(model.resolve()), "tokenizer": str((tokenizer or model).resolve())} \
+            if model else {}
+        save_stream(corpus, out, base=meta, files=facts, force=force)
+        _print_stream(corpus)
+        console.print(f"stream written to {out}")
+        return
     cfg = build(StreamConfig, {"cohorts": cohorts, "people": people, "updates": updates,
                                "attribute": attribute, "who": who, "seed": seed,
                                **({"order": order.split(",")} if order else {})},

@@ -333,12 +333,12 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     out = tmp_path / "all"
     args = ["run", "continual", f"base={tiny_cell}", "steps=10", "eval_people=4",
             "parallel=1", "make.cohorts=1", "make.people=4", "make.updates=0.25",
-            "methods=[sequential,lora,joint,cumulative,replay,reservoir,ewc,online_ewc,lwf]",
+            "methods=[sequential,lora,joint,cumulative,replay,reservoir,generative,ewc,online_ewc,lwf]",
             "ewc.samples=4", "--out", out]
     assert cli(*args) == 0
     res = json.loads((out / "results.json").read_text())
     names = [m["method"] for m in res["methods"]]
-    assert len(names) == 9
+    assert len(names) == 10
     for m in res["methods"]:
         s = m["summary"]
         assert len(s["matrix"]) == 3 and s["ckl"]["n_updated"] > 0
@@ -377,3 +377,83 @@ def test_continual_full_aggregates_seeds_and_orders(tiny_cell, tmp_path):
     assert a["values"] == vals and a["mean"] == pytest.approx(float(np.mean(vals)))
     assert a["std"] == pytest.approx(float(np.std(vals, ddof=1)))
     assert "Ranking by mean A_T" in (out / "report.md").read_text()
+
+
+def test_generative_replay_precision_is_computed_against_the_truth():
+    from factlab.continual.run import pseudo_judge
+
+    base = base_world(seed=3, augment="multi2")
+    s = make_stream(base, StreamConfig(cohorts=1, people=4, updates=0.25, order=["update",
+                                                                                "cohort"]))
+    judge = pseudo_judge(s)
+    w = s.world
+    # real bios of the base world, before the update (t = 1): every fact true
+    texts = list(base.bios().text[:6])
+    got = judge(texts, 1)
+    assert got["facts"] == 36 and got["true"] == 36 and got["precision"] == 1.0
+    # after the update the old employer is false for the updated people
+    moved = sorted(set(w.updates.person.tolist()))
+    p = moved[0]
+    old_bio = next(t for t, q in zip(base.bios().text, base.bios().person) if q == p)
+    after = judge([old_bio], 2)
+    n_changed = int((w.updates.person == p).sum())
+    assert after["true"] == 6 - n_changed and after["facts_of_known_people"] == 6
+    # a cohort member is not known before the cohort arrives; an invented name is invented
+    c = int(w.ids(arrival=2)[0])
+    cbio = next(t for t, q in zip(s.cohort_bios(2).text, s.cohort_bios(2).person) if q == c)
+    assert judge([cbio], 2)["invented_person_facts"] == 6
+    assert judge([cbio], 3)["true"] == 6
+    fake = texts[0].replace(base.people.names[int(base.bios().person[0])], "Zed Quux Blorp")
+    j = judge([fake], 1)
+    assert j["invented_person_facts"] == 6 and j["precision"] == 0.0
+
+
+def test_user_stream_from_fact_files(tmp_path, capsys):
+    f0, f1, f2 = (tmp_path / f"f{i}.csv" for i in range(3))
+    f0.write_text("entity,attribute,value\nEiffel Tower,city,Paris\nEiffel Tower,height,330 m\n"
+                  "Big Ben,city,London\nBig Ben,height,96 m\nColosseum,city,Rome\n"
+                  "Space Needle,city,Seattle\n")
+    f1.write_text("entity,attribute,value\nBurj Khalifa,city,Dubai\nCN Tower,city,Toronto\n"
+                  "Big Ben,height,97 m\nColosseum,city,Rome\nColosseum,height,48 m\n")
+    f2.write_text("entity,attribute,value\nBig Ben,height,98 m\nBurj Khalifa,city,Abu Dhabi\n")
+    out = tmp_path / "s"
+    assert cli("stream", "make", out, "--facts", f0, "--facts", f1, "--facts", f2) == 0
+    corpus, meta = load_stream(out)
+    recs = {(r["question"], r["label"]): r for r in stream_facts(corpus).records()}
+    big = recs[("What is the height of Big Ben?", "updated")]
+    assert big["answer"] == "98 m" and big["stale"] == "96 m" and big["experience"] == 2
+    assert recs[("What is the city of Burj Khalifa?", "updated")]["stale"] == "Dubai"
+    assert recs[("What is the city of Colosseum?", "invariant")]["answer"] == "Rome"
+    # a value the entity had none of is a new fact, in the experience that states it
+    assert recs[("What is the height of Colosseum?", "new")]["experience"] == 1
+    assert recs[("What is the city of CN Tower?", "new")]["experience"] == 1
+    assert [e["kind"] for e in meta["experiences"]] == ["cohort+update", "update"]
+    # bad input: a file with a bad row, an attribute the base lacks, a file adding nothing
+    bad = tmp_path / "bad.csv"
+    bad.write_text("entity,attribute,value\nBig Ben,,x\n")
+    assert cli("stream", "make", tmp_path / "b1", "--facts", f0, "--facts", bad) == 2
+    bad.write_text("entity,attribute,value\nBig Ben,color,gold\nCN Tower,color,grey\n")
+    assert cli("stream", "make", tmp_path / "b2", "--facts", f0, "--facts", bad) == 2
+    assert cli("stream", "make", tmp_path / "b3", "--facts", f0, "--facts", f0) == 2
+    assert not any((tmp_path / b).exists() for b in ("b1", "b2", "b3"))
+    capsys.readouterr()
+
+
+def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
+    f0, f1 = tmp_path / "f0.jsonl", tmp_path / "f1.jsonl"
+    rows0 = [("Eiffel Tower", "city", "Paris"), ("Big Ben", "city", "London"),
+             ("Colosseum", "city", "Rome"), ("Space Needle", "city", "Seattle")]
+    rows1 = [("Burj Khalifa", "city", "Dubai"), ("CN Tower", "city", "Toronto"),
+             ("Big Ben", "city", "Paris")]
+    for f, rows in ((f0, rows0), (f1, rows1)):
+        f.write_text("".join(json.dumps({"entity": e, "attribute": a, "value": v}) + "\n"
+                             for e, a, v in rows))
+    s = tmp_path / "s"
+    assert cli("stream", "make", s, "--facts", f0, "--facts", f1, "--model",
+               tiny_cell / "finetune" / "model", "--tokenizer", tiny_cell / "tokenizer") == 0
+    out = tmp_path / "run"
+    assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay]", "steps=5",
+               "parallel=1", "--out", out) == 0
+    res = json.loads((out / "results.json").read_text())
+    c = res["methods"][0]["summary"]["ckl"]
+    assert c["n_updated"] == 1 and c["n_new"] == 2 and c["n_invariant"] == 3

@@ -386,3 +386,106 @@ class LwF(Plugin):
             tl = self.teacher(**model_kwargs(batch, inputs)).logits
         tl = tl[:, -out.mask.shape[1]:][out.mask]
         return self.alpha * distillation_kl(out.logits, tl, self.temperature)
+
+
+# ------------------------------------------------------------------- generative replay
+def sample_bios(model, tok, n: int, *, max_new_tokens: int, seed: int,
+                temperature: float = 1.0, batch_size: int = 64) -> list[list[int]]:
+    """``n`` documents sampled from ``model`` after an EOS (the separator the model saw
+    before every bio in concatenated pretraining), each up to its first EOS; seeded, and
+    the global RNG is left as it was."""
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    out: list[list[int]] = []
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            torch.manual_seed(seed)
+            for lo in range(0, n, batch_size):
+                m = min(batch_size, n - lo)
+                ids = torch.full((m, 1), eos, dtype=torch.long, device=dev)
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                     do_sample=True, top_k=0, top_p=1.0,
+                                     temperature=temperature, max_new_tokens=max_new_tokens,
+                                     eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                for row in gen[:, 1:].tolist():
+                    row = row[:row.index(eos)] if eos in row else row
+                    out.append(row)
+    finally:
+        model.train(was)
+    return out
+
+
+class GenerativeReplay(Plugin):
+    """LAMOL-style generative replay (Sun et al. 2020) for fact streams: before experience
+    t the model itself writes ``gamma`` x (the experience's examples) pseudo-bios of what it
+    knows, sampled after an EOS; they are mixed into the experience's rows in that
+    proportion, and their tokens' loss is weighted ``weight`` (LAMOL's 0.25 for its
+    language-modelling term). ``judge(texts, t) -> dict`` (optional) scores the pseudo-bios
+    against the world — a hallucinated replay writes wrong facts back — and its numbers
+    are kept per experience in ``stats``. LAMOL samples whole QA examples after a task
+    token; here the model writes bios, the form it learned its facts in."""
+
+    name = "generative_replay"
+
+    def __init__(self, *, gamma: float = 0.2, weight: float = 0.25, temperature: float = 1.0,
+                 seed: int = 0, judge=None):
+        if not 0 < gamma <= 1:
+            raise FactlabError(f"generative replay: gamma must be in (0, 1], got {gamma}")
+        if weight < 0 or temperature <= 0:
+            raise FactlabError("generative replay: weight must be >= 0, temperature > 0")
+        self.gamma, self.weight, self.temperature, self.seed = gamma, weight, temperature, seed
+        self.judge = judge
+        self.stats: dict = {}
+
+    def before_experience(self, loop, t: int) -> None:
+        from factlab.tokens.encode import EncodedDocs
+        from factlab.tokens.mixing import Mixture, Tagged
+
+        cur = loop.stream
+        n = max(1, int(round(self.gamma * len(cur.data))))
+        rows = [r for r in sample_bios(loop.model, loop.tokenizer, n,
+                                       max_new_tokens=cur.seq_len - 1,
+                                       seed=self.seed * 1_000_003 + t,
+                                       temperature=self.temperature) if r]
+        st = {"requested": n, "generated": len(rows),
+              "tokens": int(sum(len(r) for r in rows))}
+        if self.judge is not None:
+            texts = [loop.tokenizer.decode(r) for r in rows]
+            st.update(self.judge(texts, t))
+        self.stats[str(t)] = st
+        if not rows:
+            return
+        ids = np.array([x for r in rows for x in r], dtype=np.int32)
+        offs = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+        docs = EncodedDocs(ids, offs, np.full((len(rows), 0), -1, np.int32),
+                           np.full(len(rows), -1, np.int32))
+        pseudo = FactStream(ExperienceData(docs, None, np.full(len(rows), -1, np.int64),
+                                           np.zeros(0, np.int64)),
+                            cur.seq_len, loop.tokenizer, qa_ratio=0.0, seed=cur.seed + 31)
+        share = self.gamma / (1 + self.gamma)
+        loop.stream = _Mixed(Mixture([cur.inner, Tagged(pseudo.inner, pseudo=1)],
+                                     [1 - share, share], seed=cur.seed + 2), cur)
+
+    def extra_loss(self, loop, batch: dict, out):
+        from factlab.train.lm_loss import output_head
+
+        if out is None or self.weight == 1 or "pseudo" not in batch:
+            return None
+        sel = (batch["pseudo"] == 1)[out.row]
+        if not bool(sel.any()):
+            return None
+        head = output_head(loop.model)
+        logits = head(out.hidden[sel]) if head is not None else out.logits[sel]
+        ce = torch.nn.functional.cross_entropy(logits.float(), out.targets[sel],
+                                               reduction="sum")
+        return (self.weight - 1) * ce / out.targets.numel()
+
+    def state_dict(self) -> dict:
+        return {"stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.stats = dict(state.get("stats", {}))

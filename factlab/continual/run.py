@@ -33,8 +33,8 @@ from factlab.corpus.stream import StreamConfig
 from factlab.errors import FactlabError
 from factlab.io import atomic_write_text
 
-METHODS = ("sequential", "lora", "joint", "cumulative", "replay", "reservoir", "ewc",
-           "online_ewc", "lwf")
+METHODS = ("sequential", "lora", "joint", "cumulative", "replay", "reservoir", "generative",
+           "ewc", "online_ewc", "lwf")
 
 
 class ReplaySettings(Strict):
@@ -54,6 +54,13 @@ class EWCSettings(Strict):
 class LwFSettings(Strict):
     alpha: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
+
+
+class GenerativeSettings(Strict):
+    gamma: float = Field(0.2, gt=0, le=1, description="pseudo-bios per example of the "
+                         "experience (LAMOL: 0.05 or 0.2)")
+    weight: float = Field(0.25, ge=0, description="loss weight of the pseudo-bios' tokens")
+    temperature: float = Field(1.0, gt=0)
 
 
 class LoRASettings(Strict):
@@ -83,6 +90,7 @@ class ContinualSettings(Strict):
     replay: ReplaySettings = ReplaySettings()
     ewc: EWCSettings = EWCSettings()
     lwf: LwFSettings = LwFSettings()
+    generative: GenerativeSettings = GenerativeSettings()
     lora: LoRASettings = LoRASettings()
     select: dict[str, list] = Field(
         {"ewc.lam": [100.0, 10000.0], "lwf.alpha": [0.5, 2.0]},
@@ -162,8 +170,9 @@ def _train_cfg(cfg: ContinualSettings, steps: int, lr: float):
                        seed=cfg.seed)
 
 
-def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_attr: int):
-    from factlab.continual.methods import EWC, Cumulative, LwF, Replay
+def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_attr: int,
+                   judge=None):
+    from factlab.continual.methods import EWC, Cumulative, GenerativeReplay, LwF, Replay
     from factlab.train.plugins import LoRA
 
     r, e = cfg.replay, cfg.ewc
@@ -180,7 +189,51 @@ def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_at
         "online_ewc": [EWC(base_data, lam=e.lam, online=True, gamma=e.gamma,
                            samples=e.samples)],
         "lwf": [LwF(alpha=cfg.lwf.alpha, temperature=cfg.lwf.temperature)],
+        "generative": [GenerativeReplay(gamma=cfg.generative.gamma, weight=cfg.generative.weight,
+                                        temperature=cfg.generative.temperature, seed=cfg.seed,
+                                        judge=judge)],
     }[method]
+
+
+def pseudo_judge(corpus):
+    """``judge(texts, t)`` for generative replay: read each pseudo-bio with the world's
+    templates (``factlab.text.parse``) and check every fact it states against the world as
+    it was before experience t. A fact is **true** when its person is somebody the model had
+    met (base world or an earlier cohort) and the value is that person's value then; a
+    name nobody has is an invented person; an unknown person's name is counted apart."""
+    from factlab.text.parse import BioParser
+
+    w = corpus.world
+    parser = None
+    index = {n: i for i, n in enumerate(w.people.names)}
+    unknown = set(w.unknown.names)
+
+    def judge(texts, t):
+        nonlocal parser
+        if parser is None:  # compiling every template takes seconds: once, when needed
+            parser = BioParser(corpus.templates, w.people.pools)
+        n_facts = true = known = invented = unk = unread = 0
+        people = set()
+        for text in texts:
+            facts, u = parser.parse(text.strip())
+            unread += u
+            for f in facts:
+                n_facts += 1
+                i = index.get(f.name)
+                if i is None or w.arrival[i] >= t:
+                    unk += f.name in unknown
+                    invented += f.name not in unknown
+                    continue
+                known += 1
+                people.add(i)
+                true += f.value == w.value(i, f.attribute, at=t - 1)
+        return {"facts": n_facts, "facts_of_known_people": known, "true": true,
+                "precision": true / n_facts if n_facts else None,
+                "precision_known_people": true / known if known else None,
+                "invented_person_facts": invented, "unknown_person_facts": unk,
+                "people": len(people), "unread_sentences": unread}
+
+    return judge
 
 
 def _drive(method: str, cfg: ContinualSettings, corpus, tok, model_dir: Path, out: Path,
@@ -203,7 +256,8 @@ def _drive(method: str, cfg: ContinualSettings, corpus, tok, model_dir: Path, ou
     seq_len = _seq_len(data, model)
     u = corpus.world.updates
     updated = (u.person.astype(np.int64), u.experience.astype(np.int64)) if len(u) else None
-    plugins = method_plugins(method, cfg, data[0], updated, len(corpus.attributes))
+    plugins = method_plugins(method, cfg, data[0], updated, len(corpus.attributes),
+                             judge=pseudo_judge(corpus) if method == "generative" else None)
     lr = cfg.lora.lr if method == "lora" else cfg.lr
     if method == "joint":
         parts = [d.current(updated, T) for d in data]
@@ -230,6 +284,7 @@ def applies(key: str, method: str) -> bool:
     head = key.split(".", 1)[0]
     return {"ewc": method in ("ewc", "online_ewc"), "lwf": method == "lwf",
             "replay": method in ("replay", "reservoir"), "lora": method == "lora",
+            "generative": method == "generative",
             "lr": method != "lora", "qa_ratio": True}.get(head, False)
 
 
@@ -337,7 +392,8 @@ def _method_settings(method: str, cfg: ContinualSettings) -> dict:
     return {"ewc": {"ewc": cfg.ewc.model_dump()}, "online_ewc": {"ewc": cfg.ewc.model_dump()},
             "lwf": {"lwf": cfg.lwf.model_dump()}, "replay": {"replay": cfg.replay.model_dump()},
             "reservoir": {"replay": cfg.replay.model_dump()},
-            "lora": {"lora": cfg.lora.model_dump()}}.get(method, {})
+            "lora": {"lora": cfg.lora.model_dump()},
+            "generative": {"generative": cfg.generative.model_dump()}}.get(method, {})
 
 
 def _seq_len(data, model) -> int:
@@ -380,7 +436,7 @@ def _value_maps(corpus):
 
 def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
     """What the method costs beyond sequential finetuning."""
-    from factlab.continual.methods import EWC, LwF, Replay
+    from factlab.continual.methods import EWC, GenerativeReplay, LwF, Replay
 
     c = {"trainable_params": int(n_train), "added_params_per_experience": 0,
          "buffer_examples": 0, "buffer_tokens": 0, "buffer_facts": 0,
@@ -395,6 +451,10 @@ def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
             n_anchor = T + 1 if not p.online else 1
             c.update(extra_backward_examples=int(p.samples * (T + 1)),
                      ewc_stored_tensors=int(2 * n_train * n_anchor))
+        if isinstance(p, GenerativeReplay):
+            c.update(pseudo_bios=int(sum(x["generated"] for x in p.stats.values())),
+                     pseudo_tokens=int(sum(x["tokens"] for x in p.stats.values())),
+                     generative=p.stats)
         if isinstance(p, LwF):
             c.update(extra_forward_per_row=1.0, teacher_params=int(sum(
                 q.numel() for q in drv.model.parameters())))

@@ -115,8 +115,8 @@ def _update_records(w: World, t: int):
     attrs, pools, names = w.attributes, w.people.pools, w.people.names
     for p, a, new, old in zip(u.person.tolist(), u.attribute.tolist(), u.code.tolist(),
                               u.previous.tolist()):
-        yield {"person": p, "name": names[p], "attribute": attrs[a], "old": pools[a][old],
-               "new": pools[a][new]}
+        yield {"person": p, "name": names[p], "attribute": attrs[a],
+               "old": pools[a][old] if old >= 0 else None, "new": pools[a][new]}
 
 
 def _write_experience(c: Corpus, t: int, d: Path) -> dict:

@@ -104,6 +104,72 @@ def make_stream(corpus, cfg: StreamConfig):
     return corpus
 
 
+def make_user_stream(files, *, templates=None, seed: int = 0, unknown: int = 50,
+                     test_fraction: float = 0.5):
+    """A stream from a user's fact files (CSV / JSONL: entity, attribute, value), one per
+    experience: the first is the base world; in each later one an entity not seen before
+    arrives (a cohort), an entity-attribute that reappears with another value is an
+    update, one that appears for the first time is a new fact, and a restated fact is
+    ignored. Every attribute must appear in the first file; values first seen later are
+    appended to the pools, so no code moves."""
+    from factlab.corpus import CorpusConfig, make_corpus
+    from factlab.world.cohorts import add_entities, extend_pools
+    from factlab.world.facts import read_facts
+    from factlab.world.people import Table
+    from factlab.world.versions import set_values
+
+    files = [Path(f) for f in files]
+    if len(files) < 2:
+        raise FactlabError("a user stream needs at least 2 fact files (the base, then one per "
+                           "experience)")
+    corpus = make_corpus(CorpusConfig(facts=str(files[0]), templates=templates, seed=seed,
+                                      unknown=unknown, test_fraction=test_fraction))
+    attrs = corpus.attributes
+    later = [read_facts(f) for f in files[1:]]
+    extra: dict[int, list[str]] = {}
+    for f, (_, at, facts) in zip(files[1:], later):
+        bad = [a for a in at if a not in attrs]
+        if bad:
+            raise FactlabError(f"{f}: attribute {bad[0]!r} is not in the first file "
+                               f"{files[0].name} (attributes: {', '.join(attrs)})")
+        for (_, a), v in facts.items():
+            extra.setdefault(attrs.index(a), []).append(v)
+    corpus = corpus.with_world(extend_pools(corpus.world, extra))
+    unknown_names = set(corpus.world.unknown.names)
+    for t, (f, (ents, _, facts)) in enumerate(zip(files[1:], later), start=1):
+        w = corpus.world
+        index = {n: i for i, n in enumerate(w.people.names)}
+        pools = w.people.pools
+        code = [{v: c for c, v in enumerate(p)} for p in pools]
+        clash = [e for e in ents if e in unknown_names]
+        if clash:
+            raise FactlabError(f"{f}: {clash[0]!r} is one of the stream's unknown people; "
+                               f"rename it")
+        new = [e for e in ents if e not in index]
+        changes: dict[int, list[tuple[int, int]]] = {}
+        now = w.codes_at(t - 1)
+        for (e, a), v in facts.items():
+            if e in index:
+                ai, c = attrs.index(a), code[attrs.index(a)][v]
+                if now[index[e], ai] != c:
+                    changes.setdefault(ai, []).append((index[e], c))
+        if not new and not changes:
+            raise FactlabError(f"{f}: adds nothing (every fact in it is already known)")
+        if new:
+            codes = np.full((len(new), len(attrs)), -1, np.int32)
+            for k, e in enumerate(new):
+                for a, attr in enumerate(attrs):
+                    v = facts.get((e, attr))
+                    if v is not None:
+                        codes[k, a] = code[a][v]
+            tab = Table(new, np.full(len(new), -1, np.int8), attrs, codes, pools)
+            w = add_entities(w, tab, t, seed)
+        for ai, rows in changes.items():
+            w = set_values(w, [r[0] for r in rows], attrs[ai], [r[1] for r in rows], t)
+        corpus = corpus.with_world(w)
+    return corpus
+
+
 def kinds_of(corpus) -> list[str]:
     """The kind of every experience of a stream (``cohort``, ``update``)."""
     w = corpus.world
@@ -186,9 +252,13 @@ def stream_facts(corpus, *, base_people: int | None = None) -> StreamFacts:
             r = key.get((p, a))
             if r is None:
                 continue
-            label[i] = "updated"
             experience[i] = int(u.experience[r])
-            stale[i] = pools[a][int(u.previous[first[(p, a)]])]
+            prev = int(u.previous[first[(p, a)]])
+            if prev < 0:  # a value the entity had none of before: a new fact
+                label[i] = "new"
+            else:
+                label[i] = "updated"
+                stale[i] = pools[a][prev]
     split = np.where(w.split[person] == TEST, "test", "train").astype(object)
     unk = w.unknown
     uq = qa_pairs(unk, np.arange(len(unk)), corpus.templates) if len(unk) else None
@@ -228,8 +298,8 @@ def counts(corpus, facts: StreamFacts | None = None) -> dict:
             "total": len(facts)}
 
 
-def save_stream(corpus, out: str | Path, *, cfg: StreamConfig, base: dict | None = None,
-                force: bool = False) -> dict:
+def save_stream(corpus, out: str | Path, *, cfg: StreamConfig | None = None,
+                base: dict | None = None, files=None, force: bool = False) -> dict:
     """The stream's world directory (base files and ``experiences/T/``) plus
     ``stream.json``: the config, each experience's kind and the base it starts from (a
     trained run cell's model and tokenizer, or a user's model)."""
@@ -240,7 +310,9 @@ def save_stream(corpus, out: str | Path, *, cfg: StreamConfig, base: dict | None
             (out / "manifest.json").is_file() and not force:
         force = True  # a world written by a killed save_stream, without its stream.json
     save_world(corpus, out, force=force)
-    meta = {"format": FORMAT, "config": cfg.model_dump(mode="json"), "base": base or {},
+    meta = {"format": FORMAT, "config": cfg.model_dump(mode="json") if cfg else None,
+            "files": [str(Path(f).resolve()) for f in files] if files else None,
+            "base": base or {},
             "experiences": [{"t": t, "kind": k}
                             for t, k in zip(corpus.experiences, kinds_of(corpus))]}
     atomic_write_text(out / STREAM_FILE, json.dumps(meta, indent=1) + "\n")

@@ -92,3 +92,55 @@ def add_cohort(world, n: int, experience: int, seed: int, *,
         world, people=people, split=np.concatenate([world.split, split]),
         group=np.concatenate([world.group, np.full(n, CELEBRITY, dtype=np.int8)]),
         arrival=np.concatenate([world.arrival, np.full(n, experience, dtype=np.int16)]))
+
+
+def add_entities(world, table: Table, experience: int, seed: int, *,
+                 test_fraction: float | None = None):
+    """A new world in which the entities of ``table`` (names and codes into the world's
+    own pools) arrive in ``experience``: a user's fact file of a later experience. Names
+    must be new (no person or unknown person has them); the P_train / P_test split is
+    seeded like a cohort's."""
+    from factlab.world.sample import half_split
+
+    check_experience(world, experience, "add_entities")
+    if (world.arrival == experience).any():
+        raise FactlabError(f"add_entities: experience {experience} already has new entities")
+    n = len(table)
+    if n < 1:
+        raise FactlabError("add_entities: no entities given")
+    if tuple(table.attributes) != tuple(world.attributes) or len(table.pools) != len(
+            world.people.pools) or any(len(a) != len(b) for a, b in zip(table.pools,
+                                                                         world.people.pools)):
+        raise FactlabError("add_entities: the entities' attributes and pools must be the "
+                           "world's")
+    taken = set(world.people.names) | set(world.unknown.names)
+    clash = [nm for nm in table.names if nm in taken]
+    if clash:
+        raise FactlabError(f"add_entities: {clash[0]!r} is already in the world")
+    frac = world.config.test_fraction if test_fraction is None else test_fraction
+    g = np.random.default_rng([seed, STREAM_COHORT, experience, 1])
+    split = half_split(n, frac, g) if n >= 2 else np.zeros(n, np.int8)
+    p = world.people
+    people = Table(p.names + list(table.names), np.concatenate([p.pronoun, table.pronoun]),
+                   p.attributes, np.concatenate([p.codes, table.codes]), p.pools)
+    return dataclasses.replace(
+        world, people=people, split=np.concatenate([world.split, split]),
+        group=np.concatenate([world.group, np.full(n, CELEBRITY, dtype=np.int8)]),
+        arrival=np.concatenate([world.arrival, np.full(n, experience, dtype=np.int16)]))
+
+
+def extend_pools(world, values: dict[int, list[str]]):
+    """A new world whose pool of attribute ``a`` also holds ``values[a]`` (appended, so no
+    code moves): values that later experiences of a user's stream bring."""
+    pools = [list(p) for p in world.people.pools]
+    for a, vals in values.items():
+        have = set(pools[a])
+        for v in vals:
+            if v not in have:
+                pools[a].append(v)
+                have.add(v)
+    pools = tuple(pools)
+    p, u = world.people, world.unknown
+    return dataclasses.replace(
+        world, people=Table(p.names, p.pronoun, p.attributes, p.codes, pools),
+        unknown=Table(u.names, u.pronoun, u.attributes, u.codes, pools))

@@ -121,3 +121,35 @@ def update_facts(world, people, attribute: str, experience: int, seed: int):
         np.concatenate([r[2] for r in rows]).astype(np.int32),
         np.concatenate([r[3] for r in rows]).astype(np.int32))
     return dataclasses.replace(world, updates=u.concat(add))
+
+
+def set_values(world, people, attribute: str, codes, experience: int):
+    """A new world in which ``people[k]`` has value code ``codes[k]`` of ``attribute`` from
+    ``experience`` on (a user's later fact file restating a fact with another value, or
+    stating one the entity had no value for: previous code -1). Derived attributes are not
+    followed (user worlds have none)."""
+    attrs = world.attributes
+    if attribute not in attrs:
+        raise FactlabError(f"set_values: unknown attribute {attribute!r}")
+    a = attrs.index(attribute)
+    check_experience(world, experience, "set_values")
+    ids = np.asarray(people, dtype=np.int64).reshape(-1)
+    new = np.asarray(codes, dtype=np.int64).reshape(-1)
+    if len(ids) != len(new) or not len(ids):
+        raise FactlabError("set_values: give one code per person (at least one)")
+    if len(np.unique(ids)) != len(ids):
+        raise FactlabError("set_values: a person is given twice")
+    if (new < 0).any() or (new >= len(world.people.pools[a])).any():
+        raise FactlabError(f"set_values: codes of {attribute} must index its pool")
+    late = ids[world.arrival[ids] >= experience]
+    if len(late):
+        raise FactlabError(f"set_values: {world.people.names[int(late[0])]!r} arrives in "
+                           f"experience {int(world.arrival[late[0]])}, not before {experience}")
+    old = world.codes_at(experience)[ids, a]
+    if (old == new).any():
+        raise FactlabError(f"set_values: {world.people.names[int(ids[old == new][0])]!r} "
+                           f"already has that {attribute}")
+    add = Updates(ids.astype(np.int32), np.full(len(ids), a, np.int16),
+                  np.full(len(ids), experience, np.int16), new.astype(np.int32),
+                  old.astype(np.int32))
+    return dataclasses.replace(world, updates=world.updates.concat(add))
