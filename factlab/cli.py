@@ -155,8 +155,8 @@ def run(ctx: typer.Context,
     if recipe in ("continual", "continual-full"):  # methods over fact streams from a cell
         import shutil
 
-        from factlab.continual import report as CR
-        from factlab.continual import run as CN
+        from factlab.experiments import continual as CN
+        from factlab.experiments import continual_report as CR
 
         full = recipe == "continual-full"
         cfg = build(CN.ContinualFullSettings if full else CN.ContinualSettings,

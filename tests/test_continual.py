@@ -271,7 +271,7 @@ def tiny_cell(tmp_path_factory):
 
 
 def _settings(cell, **kw):
-    from factlab.continual.run import ContinualSettings
+    from factlab.experiments.continual import ContinualSettings
 
     kw.setdefault("make", {"cohorts": 1, "people": 6, "updates": 0.25})
     return ContinualSettings(base=str(cell), steps=kw.pop("steps", 60), lr=3e-3, eval_people=8,
@@ -279,7 +279,7 @@ def _settings(cell, **kw):
 
 
 def test_replay_forgets_less_than_sequential(tiny_cell, tmp_path):
-    from factlab.continual.run import run_continual
+    from factlab.experiments.continual import run_continual
 
     res = run_continual(_settings(tiny_cell, methods=["sequential", "replay"]), tmp_path / "r",
                         progress=False)
@@ -303,7 +303,7 @@ def test_replay_forgets_less_than_sequential(tiny_cell, tmp_path):
 
 def test_killed_stream_run_resumes_to_the_same_matrix(tiny_cell, tmp_path, monkeypatch):
     from factlab.continual import methods
-    from factlab.continual.run import run_continual
+    from factlab.experiments.continual import run_continual
 
     cfg = _settings(tiny_cell, methods=["reservoir"], steps=30,
                     make={"cohorts": 2, "people": 4, "updates": 0.25},
@@ -380,7 +380,7 @@ def test_continual_full_aggregates_seeds_and_orders(tiny_cell, tmp_path):
 
 
 def test_generative_replay_precision_is_computed_against_the_truth():
-    from factlab.continual.run import pseudo_judge
+    from factlab.experiments.continual import pseudo_judge
 
     base = base_world(seed=3, augment="multi2")
     s = make_stream(base, StreamConfig(cohorts=1, people=4, updates=0.25, order=["update",

@@ -21,7 +21,7 @@ held (``loop.driver.experiences[j - 1].stream.data``; the base world's data, exp
   where the teacher is the model as it was before this experience, both at temperature T.
 
 Sequential finetuning is the loop with none of these; joint training is one experience
-over everything (``factlab.continual.run``).
+over everything (``factlab.experiments.continual``).
 """
 
 from __future__ import annotations
@@ -296,7 +296,8 @@ class EWC(Plugin):
             self._consolidate(loop, 0, self.base)
 
     def after_experience(self, loop, t: int) -> None:
-        if t > self.done:
+        last = getattr(getattr(loop, "driver", None), "T", None)
+        if t > self.done and t != last:  # nothing trains after the last experience
             self._consolidate(loop, t, _data(loop, t, self.base))
 
     def penalty(self, model) -> torch.Tensor:

@@ -448,8 +448,8 @@ def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
             c.update(buffer_examples=st.get("examples", 0), buffer_tokens=st.get("tokens", 0),
                      buffer_facts=st.get("facts", 0))
         if isinstance(p, EWC):
-            n_anchor = T + 1 if not p.online else 1
-            c.update(extra_backward_examples=int(p.samples * (T + 1)),
+            n_anchor = T if not p.online else 1  # base + experiences 1..T-1
+            c.update(extra_backward_examples=int(p.samples * T),
                      ewc_stored_tensors=int(2 * n_train * n_anchor))
         if isinstance(p, GenerativeReplay):
             c.update(pseudo_bios=int(sum(x["generated"] for x in p.stats.values())),
@@ -486,6 +486,15 @@ def _method_worker(args):
                       base_world_dir=Path(base_world) if base_world else None)
 
 
+def _same(old: dict, new: dict) -> bool:
+    """Is a run with the settings ``old`` (as stored) the run of ``new``? Compared on the
+    keys ``old`` has: a later factlab that only adds settings (with their defaults)
+    resumes an earlier run; methods may be added to a run."""
+    from factlab.experiments.run import _subset
+
+    return _subset(old, new)
+
+
 def _run_jobs(jobs: list, parallel: int, progress: bool) -> list[dict]:
     """``_method_worker`` jobs, ``parallel`` at a time in their own processes (one thread
     each), or in this process."""
@@ -511,8 +520,8 @@ def run_continual(cfg: ContinualSettings, out, *, progress: bool = True) -> dict
     mine = cfg.model_dump(mode="json")
     if marker.is_file():
         old = json.loads(marker.read_text(encoding="utf-8"))
-        if {k: v for k, v in old.items() if k != "methods"} != \
-                {k: v for k, v in mine.items() if k != "methods"}:
+        old.pop("methods", None)
+        if not _same(old, mine):
             raise FactlabError(f"{out} holds a continual run of other settings; use another "
                                f"--out (or --force)")
     atomic_write_text(marker, json.dumps(mine, indent=1) + "\n")
@@ -596,7 +605,7 @@ def run_continual_full(cfg: ContinualFullSettings, out, *, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     mine = cfg.model_dump(mode="json")
     marker = out / "continual_full.json"
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")) != mine:
+    if marker.is_file() and not _same(json.loads(marker.read_text(encoding="utf-8")), mine):
         raise FactlabError(f"{out} holds a continual-full run of other settings; use another "
                            f"--out (or --force)")
     atomic_write_text(marker, json.dumps(mine, indent=1) + "\n")

@@ -220,7 +220,7 @@ def write_full_report(res: dict, out) -> str:
     """``OUT/report.md`` of ``factlab run continual-full``: mean ± spread (sample std over
     the seeds x orders) of each metric per method, the ranking by mean A_T with the base
     world, the settings chosen on the validation stream, and every cell's A_T."""
-    from factlab.continual.run import FULL_METRICS
+    from factlab.experiments.continual import FULL_METRICS
 
     out = Path(out)
     agg, cells, s = res["aggregate"], res["cells"], res["settings"]
