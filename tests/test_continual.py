@@ -348,6 +348,7 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     assert cost["lora"]["trainable_params"] < cost["sequential"]["trainable_params"]
     report = (out / "report.md").read_text()
     assert "FUAR" in report and "forgetting" in report.lower()
+    assert "are the pseudo-bios true" in report
     assert cli(*args) == 0  # again: every finished method is read back
     bad = ["run", "continual", f"base={tiny_cell}", "methods=[nope]", "--out", tmp_path / "b"]
     assert cli(*bad) == 2

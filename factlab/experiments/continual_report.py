@@ -130,8 +130,29 @@ def tables(res: dict) -> list[str]:
     lines += ["", "The threshold is chosen on even-numbered people (known and unknown) to "
               "maximise balanced accuracy; rates and AUROC are on odd-numbered ones. A "
               "contamination rate near its chance level says little: with small value pools "
-              "almost any wrong answer is somebody's value.", "",
-              "## Costs", "",
+              "almost any wrong answer is somebody's value.", ""]
+    gen = [m for m in ms if m["cost"].get("generative")]
+    if gen:
+        lines += ["## Generative replay: are the pseudo-bios true?", "",
+                  "| method | before experience | pseudo-bios (tokens) | facts read | of people "
+                  "the model had met | true | precision (all facts / met people's) | "
+                  "invented people's facts | unknown people's | sentences not read |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for m in gen:
+            for t, g in sorted(m["cost"]["generative"].items(), key=lambda kv: int(kv[0])):
+                lines.append(
+                    f"| {m['method']} | {t} | {g['generated']} ({g['tokens']:,}) | "
+                    f"{g.get('facts', '–')} | {g.get('facts_of_known_people', '–')} | "
+                    f"{g.get('true', '–')} | {_p(g.get('precision'))} / "
+                    f"{_p(g.get('precision_known_people'))} | "
+                    f"{g.get('invented_person_facts', '–')} | "
+                    f"{g.get('unknown_person_facts', '–')} | {g.get('unread_sentences', '–')} |")
+        lines += ["", "A pseudo-fact is true when its person is one the model had met (base "
+                  "world or an earlier cohort) and its value is that person's value before the "
+                  "experience; the bios are read back with the world's templates "
+                  "(factlab.text.parse). A false pseudo-fact is trained on as if it were true.",
+                  ""]
+    lines += ["## Costs", "",
               "| method | trainable params | buffer (examples / facts / tokens) | extra forward "
               "per row | extra backward examples | train s | eval s |",
               "|---|---|---|---|---|---|---|"]
