@@ -274,6 +274,7 @@ def _settings(cell, **kw):
     from factlab.experiments.continual import ContinualSettings
 
     kw.setdefault("make", {"cohorts": 1, "people": 6, "updates": 0.25})
+    kw.setdefault("select", {})  # settings as given (selection: the continual-full test)
     return ContinualSettings(base=str(cell), steps=kw.pop("steps", 60), lr=3e-3, eval_people=8,
                              parallel=1, **kw)
 
@@ -334,7 +335,7 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     args = ["run", "continual", f"base={tiny_cell}", "steps=10", "eval_people=4",
             "parallel=1", "make.cohorts=1", "make.people=4", "make.updates=0.25",
             "methods=[sequential,lora,joint,cumulative,replay,reservoir,generative,ewc,online_ewc,lwf]",
-            "ewc.samples=4", "--out", out]
+            "ewc.samples=4", "select={}", "--out", out]
     assert cli(*args) == 0
     res = json.loads((out / "results.json").read_text())
     names = [m["method"] for m in res["methods"]]
@@ -454,7 +455,8 @@ def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
                tiny_cell / "finetune" / "model", "--tokenizer", tiny_cell / "tokenizer") == 0
     out = tmp_path / "run"
     assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay]", "steps=5",
-               "parallel=1", "--out", out) == 0
+               "parallel=1", "--out", out) == 0  # lr chosen on the stream's own base world
     res = json.loads((out / "results.json").read_text())
+    assert res["methods"][0]["select"]["chosen"]["lr"] in (3e-4, 1e-3)
     c = res["methods"][0]["summary"]["ckl"]
     assert c["n_updated"] == 1 and c["n_new"] == 2 and c["n_invariant"] == 3

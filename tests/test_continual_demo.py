@@ -2,7 +2,7 @@
 cell, then `factlab run continual` over it, ~10 minutes on 2 cores).
 
 The floors are the README's statement of what the demonstration shows (measured on
-2026-12-02: learning accuracy 92-97% for every method; base world 92% -> 16% sequential,
+2026-12-02: learning accuracy 90-95% for every method; base world 92% -> 30% sequential,
 79% replay and joint): every method learns each experience, sequential finetuning loses
 most of the base world, and replay and joint training keep most of it."""
 

@@ -170,6 +170,25 @@ def make_user_stream(files, *, templates=None, seed: int = 0, unknown: int = 50,
     return corpus
 
 
+def base_only(corpus):
+    """The stream's base world alone (its people before any experience, no updates): what
+    a validation stream is drawn from when no separate base world is at hand."""
+    import dataclasses
+
+    from factlab.world.people import Table
+    from factlab.world.versions import Updates
+
+    w = corpus.world
+    ids = w.base_ids
+    p = w.people
+    people = Table([p.names[i] for i in ids], p.pronoun[ids], p.attributes, p.codes[ids],
+                   p.pools)
+    base = dataclasses.replace(w, people=people, split=w.split[ids], group=w.group[ids],
+                               arrival=np.zeros(len(ids), np.int16), updates=Updates.empty())
+    return type(corpus)(base, corpus.render, corpus.templates,
+                        {k: v for k, v in corpus._cache.items() if k == "bios"})
+
+
 def kinds_of(corpus) -> list[str]:
     """The kind of every experience of a stream (``cohort``, ``update``)."""
     w = corpus.world

@@ -93,7 +93,7 @@ class ContinualSettings(Strict):
     generative: GenerativeSettings = GenerativeSettings()
     lora: LoRASettings = LoRASettings()
     select: dict[str, list] = Field(
-        {"ewc.lam": [100.0, 10000.0], "lwf.alpha": [0.5, 2.0]},
+        {"lr": [3e-4, 1e-3], "ewc.lam": [100.0, 10000.0], "lwf.alpha": [0.5, 2.0]},
         description="settings chosen per method on a validation stream (a log grid each; "
                     "{} to use the settings as given)")
 
@@ -301,7 +301,8 @@ def with_value(cfg: ContinualSettings, key: str, value) -> ContinualSettings:
 
 
 def select(method: str, cfg: ContinualSettings, base_world_dir: Path | None, tok, model_dir,
-           out: Path, progress: bool, people: int = 50) -> tuple[ContinualSettings, dict]:
+           out: Path, progress: bool, people: int = 50,
+           stream=None) -> tuple[ContinualSettings, dict]:
     """Choose ``method``'s settings listed in ``cfg.select`` on a **validation stream**:
     the base world plus one fresh cohort (seed + 1000, as large as the reported stream's
     cohorts), never the reported stream. Each candidate trains that one experience (same
@@ -321,10 +322,14 @@ def select(method: str, cfg: ContinualSettings, base_world_dir: Path | None, tok
         for k in keys:
             cfg = with_value(cfg, k, rec["chosen"][k])
         return cfg, rec
-    if base_world_dir is None:
-        raise FactlabError("continual: select needs the stream's base world (a stream made "
-                           "from a run cell)")
-    base = load_world(base_world_dir)
+    if base_world_dir is not None:
+        base = load_world(base_world_dir)
+    elif stream is not None:  # a user's stream: its own base world
+        from factlab.corpus.stream import base_only
+
+        base = base_only(stream)
+    else:
+        raise FactlabError("continual: select needs the stream's base world")
     val = make_stream(base, StreamConfig(cohorts=1, updates=0, people=people,
                                          seed=cfg.seed + 1000))
     rec = {"validation": "base world + one fresh cohort (seed + 1000)", "scores": {},
@@ -369,7 +374,7 @@ def run_method(method: str, cfg: ContinualSettings, stream_dir: Path, model_dir:
     tok = load_tokenizer(tok_dir)
     first = corpus.world.ids(arrival=1)
     cfg, chosen = select(method, cfg, base_world_dir, tok, model_dir, out, progress,
-                         people=max(len(first), 2) if len(first) else 50)
+                         people=max(len(first), 2) if len(first) else 50, stream=corpus)
     t_sel = time.perf_counter() - t_start
     drv, rows, plugins, data = _drive(method, cfg, corpus, tok, model_dir, out, progress)
     T = len(corpus.experiences)
