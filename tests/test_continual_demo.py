@@ -1,5 +1,5 @@
 """The CPU demonstration of continual learning (slow: the quickstart's multi5+permute
-cell, then `factlab run continual` over it, ~10 minutes on 2 cores).
+cell, then `factlab run continual` over it, ~13 minutes on 2 cores).
 
 The floors are the README's statement of what the demonstration shows (measured on
 2026-12-02: learning accuracy 90-95% for every method; base world 92% -> 30% sequential,
