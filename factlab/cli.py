@@ -234,6 +234,7 @@ def stream_make(
     from a world), or your fact files one per experience."""
     from factlab.corpus import load_world
     from factlab.corpus.stream import StreamConfig, make_stream, make_user_stream, save_stream
+    from factlab.experiments.continual import base_meta
     from factlab.experiments.run import cell_model
 
     if sum(x is not None and x != [] for x in (base, world, facts)) != 1:
@@ -262,9 +263,8 @@ def stream_make(
         cell = cell_model(base)
         if cell is None:
             raise FactlabError(f"--base {base} is not a run cell (no world/)")
-        m, world, tok = cell
-        meta = {"cell": str(base.resolve()), "model": str(Path(m).resolve()),
-                "tokenizer": str(Path(tok).resolve())}
+        world = cell[1]
+        meta = base_meta(base, cell)
     corpus = make_stream(load_world(world), cfg)
     save_stream(corpus, out, cfg=cfg, base=meta, force=force)
     _print_stream(corpus)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import cli, make
-from factlab.continual.data import ExperienceData, FactStream, experience_data
+from factlab.continual.data import FactStream, experience_data
 from factlab.continual.methods import (EWC, LwF, Replay, diagonal_fisher, distillation_kl,
                                        reservoir)
 from factlab.corpus import load_world, save_world

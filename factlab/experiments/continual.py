@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from factlab.config import Strict
-from factlab.corpus.stream import StreamConfig
+from factlab.corpus.stream import StreamConfig, kinds_of
 from factlab.errors import FactlabError
 from factlab.io import atomic_write_text
 
@@ -119,33 +119,29 @@ class ContinualSettings(Strict):
 
 # ------------------------------------------------------------------------- the stream
 def prepare_stream(cfg: ContinualSettings, out: Path):
-    """(corpus, stream meta, model dir, tokenizer dir) of the run's stream."""
+    """(corpus, stream meta, model dir, tokenizer dir) of the run's stream: ``cfg.stream``,
+    or the one made from ``cfg.base`` into ``OUT/stream``. The model is the base cell's
+    when ``base`` is given (it wins over the stream's record), else the stream's."""
     from factlab.corpus import load_world
     from factlab.corpus.stream import load_stream, make_stream, save_stream
     from factlab.experiments.run import cell_model
 
-    if cfg.stream is not None:
-        corpus, meta = load_stream(cfg.stream)
+    cell = None
+    if cfg.base is not None:
+        cell = cell_model(Path(cfg.base))
+        if cell is None:
+            raise FactlabError(f"continual: base={cfg.base} is not a run cell (no world/)")
+    sdir = Path(cfg.stream) if cfg.stream is not None else out / "stream"
+    if cfg.stream is not None or (sdir / "stream.json").is_file():
+        corpus, meta = load_stream(sdir)
     else:
-        sdir = out / "stream"
-        if (sdir / "stream.json").is_file():
-            corpus, meta = load_stream(sdir)
-        else:
-            cell = cell_model(Path(cfg.base))
-            if cell is None:
-                raise FactlabError(f"continual: base={cfg.base} is not a run cell (no world/)")
-            model, world, tok = cell
-            corpus = make_stream(load_world(world), cfg.make)
-            meta = save_stream(corpus, sdir, cfg=cfg.make, base=_base_meta(cfg.base, cell))
-    base = meta.get("base") or {}
-    if cfg.base is not None:  # the command line's base wins over the stream's record
-        from factlab.experiments.run import cell_model
-
-        model, _, tok = cell_model(Path(cfg.base)) or (None, None, None)
-        if model is None:
-            raise FactlabError(f"continual: base={cfg.base} is not a run cell")
-    elif base.get("model"):
-        model, tok = Path(base["model"]), Path(base.get("tokenizer") or base["model"])
+        corpus = make_stream(load_world(cell[1]), cfg.make)
+        meta = save_stream(corpus, sdir, cfg=cfg.make, base=base_meta(cfg.base, cell))
+    if cell is not None:
+        model, tok = cell[0], cell[2]
+    elif (meta.get("base") or {}).get("model"):
+        b = meta["base"]
+        model, tok = Path(b["model"]), Path(b.get("tokenizer") or b["model"])
     else:
         raise FactlabError(f"continual: the stream {cfg.stream} names no base model; give "
                            f"base=RUN_CELL")
@@ -155,8 +151,9 @@ def prepare_stream(cfg: ContinualSettings, out: Path):
     return corpus, meta, Path(model), Path(tok)
 
 
-def _base_meta(base: str, cell) -> dict:
-    model, world, tok = cell
+def base_meta(base, cell) -> dict:
+    """What ``stream.json`` records of a base run cell: its directory, model, tokenizer."""
+    model, _, tok = cell
     return {"cell": str(Path(base).resolve()), "model": str(Path(model).resolve()),
             "tokenizer": str(Path(tok).resolve())}
 
@@ -268,7 +265,7 @@ def _drive(method: str, cfg: ContinualSettings, corpus, tok, model_dir: Path, ou
         exps = [Experience(f"e{t}-{k}", FactStream(data[t], seq_len, tok, qa_ratio=cfg.qa_ratio,
                                                    seed=cfg.seed + t),
                            _train_cfg(cfg, cfg.steps, lr))
-                for t, k in zip(range(1, T + 1), _kinds(corpus))]
+                for t, k in zip(range(1, T + 1), kinds_of(corpus))]
     drv = Driver(model, exps, {"facts": facts_evaluator(tok, facts, batch_size=cfg.eval_batch)},
                  out, plugins=plugins, tokenizer=tok, progress=progress, export=False)
     R = drv.run()
@@ -382,7 +379,7 @@ def run_method(method: str, cfg: ContinualSettings, stream_dir: Path, model_dir:
     summary = M.summary(rows, T, values, pools)
     n_train = sum(p.numel() for p in drv.model.parameters() if p.requires_grad)
     lr = cfg.lora.lr if method == "lora" else cfg.lr
-    res = {"method": method, "T": T, "kinds": _kinds(corpus), "summary": summary,
+    res = {"method": method, "T": T, "kinds": kinds_of(corpus), "summary": summary,
            "cost": _cost(method, cfg, drv, plugins, data, n_train, len(corpus.attributes), T),
            "seconds": {"train": drv.seconds["train"], "eval": drv.seconds["eval"],
                        "select": t_sel, "total": time.perf_counter() - t_start},
@@ -414,16 +411,8 @@ def _seq_len(data, model) -> int:
     return min(n, ctx) if ctx else n
 
 
-def _kinds(corpus) -> list[str]:
-    from factlab.corpus.stream import kinds_of
-
-    return kinds_of(corpus)
-
-
 def _value_maps(corpus):
     """attribute -> {value: people holding it (at the end)}, attribute -> its pool."""
-    import numpy as np
-
     w = corpus.world
     codes = w.codes_at(w.last_experience)
     values, pools = {}, {}
@@ -435,7 +424,6 @@ def _value_maps(corpus):
             if c >= 0:
                 m.setdefault(pool[c], set()).add(p)
         values[name] = m
-    del np
     return values, pools
 
 
@@ -463,8 +451,7 @@ def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
         if isinstance(p, LwF):
             c.update(extra_forward_per_row=1.0, teacher_params=int(sum(
                 q.numel() for q in drv.model.parameters())))
-    if method == "lora":
-        c["added_params_per_experience"] = 0  # one adapter, trained through the stream
+    if method == "lora":  # one adapter, trained through the stream
         c["adapter_params"] = int(n_train)
     if method == "cumulative":
         c["examples_seen_last"] = int(sum(len(d) for d in data))

@@ -21,19 +21,9 @@ def _p(x, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def _f(x, digits: int = 2) -> str:
-    return "–" if x is None else f"{x:+.{digits}f}" if x < 0 or digits < 0 else f"{x:.{digits}f}"
-
-
 def _pp(x) -> str:
     """A difference of accuracies in percentage points."""
     return "–" if x is None else f"{100 * x:+.1f} pp"
-
-
-def chance_level(res: dict) -> float | None:
-    """Exact match by a uniform guess over the attribute's pool, averaged over the new and
-    updated facts (row 0's expected accuracy on facts it cannot know)."""
-    return res.get("chance")
 
 
 def select_lines(select: dict) -> list[str]:
