@@ -333,12 +333,13 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     out = tmp_path / "all"
     args = ["run", "continual", f"base={tiny_cell}", "steps=10", "eval_people=4",
             "parallel=1", "make.cohorts=1", "make.people=4", "make.updates=0.25",
-            "methods=[sequential,lora,joint,cumulative,replay,reservoir,generative,ewc,online_ewc,lwf]",
-            "ewc.samples=4", "select={}", "--out", out]
+            "methods=[sequential,lora,joint,cumulative,replay,reservoir,generative,ewc,online_ewc,"
+            "lwf,l2p,dualprompt,coda]", "prompts.top=2", "prompts.length=2",
+            "prompts.g_length=2", "ewc.samples=4", "select={}", "--out", out]
     assert cli(*args) == 0
     res = json.loads((out / "results.json").read_text())
     names = [m["method"] for m in res["methods"]]
-    assert len(names) == 10
+    assert len(names) == 13
     for m in res["methods"]:
         s = m["summary"]
         assert len(s["matrix"]) == 3 and s["ckl"]["n_updated"] > 0
@@ -346,14 +347,25 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     cost = {m["method"]: m["cost"] for m in res["methods"]}
     assert cost["replay"]["buffer_examples"] > 0 and cost["lwf"]["extra_forward_per_row"] == 1
     assert cost["lora"]["trainable_params"] < cost["sequential"]["trainable_params"]
+    pools = {m["method"]: m["prompts"] for m in res["methods"] if m.get("prompts")}
+    assert set(pools) == {"l2p", "dualprompt", "coda"}
+    assert pools["l2p"]["prompt_positions"] == 4 and pools["dualprompt"]["prompt_positions"] == 4
+    assert sum(pools["l2p"]["usage"][1]) == 10 * 8 * 2  # steps x rows x top, experience 1
+    assert sum(pools["dualprompt"]["usage"][1]) == 10 * 8  # top-1, its own E-prompt
+    assert pools["dualprompt"]["usage"][1][0] == 10 * 8
+    assert 0 <= pools["l2p"]["matching_rate"] <= 1
+    assert cost["coda"]["added_params_per_experience"] > 0
     report = (out / "report.md").read_text()
     assert "FUAR" in report and "forgetting" in report.lower()
+    assert "matching rate" in report
     assert "are the pseudo-bios true" in report
     assert cli(*args) == 0  # again: every finished method is read back
     bad = ["run", "continual", f"base={tiny_cell}", "methods=[nope]", "--out", tmp_path / "b"]
     assert cli(*bad) == 2
     assert cli("run", "continual", f"base={tiny_cell}", "ewc.lam=-1", "--out",
                tmp_path / "b2") == 2
+    assert cli("run", "continual", f"base={tiny_cell}", "methods=[l2p]", "prompts.length=60",
+               "select={}", "parallel=1", "--out", tmp_path / "b3") == 2
 
 
 def test_continual_full_aggregates_seeds_and_orders(tiny_cell, tmp_path):

@@ -167,3 +167,42 @@ def test_another_run_in_the_same_directory_is_refused(tmp_path):
     Driver(tiny(), experiences(1), {"a": loss_on(1)}, tmp_path, progress=False).run()
     with pytest.raises(FactlabError, match="other experiences"):
         Driver(tiny(), experiences(2), {"a": loss_on(1)}, tmp_path, progress=False).run()
+
+
+class PerExperience(Plugin):
+    """Experience t trains only the t-th layer's MLP output projection (a toy of methods
+    whose trainable set changes with the experience: a new adapter, new components)."""
+
+    name = "per_experience"
+
+    def trainable(self, loop):
+        layer = loop.model.gpt_neox.layers[loop.experience - 1]
+        return list(layer.mlp.dense_4h_to_h.parameters())
+
+
+def test_a_state_holds_what_every_experience_so_far_trained(tmp_path):
+    from safetensors.torch import load_file
+
+    class Kill(Plugin):
+        name = "kill"
+
+        def before_experience(self, loop, t):
+            if t == 2:
+                raise KeyboardInterrupt
+
+    whole = Driver(tiny(), experiences(2), {"e1": loss_on(1)}, tmp_path / "whole",
+                   plugins=[PerExperience()], progress=False, export=False)
+    whole.run()
+    saved = set(load_file(tmp_path / "whole" / "state" / "model.safetensors"))
+    assert {k for k in saved if "dense_4h_to_h" in k} == {
+        f"gpt_neox.layers.{i}.mlp.dense_4h_to_h.{w}" for i in (0, 1) for w in ("weight", "bias")}
+    with pytest.raises(KeyboardInterrupt):
+        Driver(tiny(), experiences(2), {"e1": loss_on(1)}, tmp_path / "cut",
+               plugins=[PerExperience(), Kill()], progress=False, export=False).run()
+    # resumed after experience 1: what experience 1 trained loads, experience 2 retrains
+    again = Driver(tiny(), experiences(2), {"e1": loss_on(1)}, tmp_path / "cut",
+                   plugins=[PerExperience()], progress=False, export=False)
+    again.run()
+    a, b = whole.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again.R["matrix"] == whole.R["matrix"]

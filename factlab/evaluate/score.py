@@ -110,9 +110,12 @@ def _answer_logits(model, head, ids, mask, sel):
 
     def select(module, args):
         h = args[0]
-        if h.dim() != 3 or h.shape[:2] != sel.shape:
+        if h.dim() != 3 or h.shape[0] != sel.shape[0] or h.shape[1] < sel.shape[1]:
             return None  # not the final hidden states: leave it alone (checked below)
-        return (h[sel],) + tuple(args[1:])
+        s = sel
+        if h.shape[1] > sel.shape[1]:  # a wrapper prepended positions (a prompt pool)
+            s = torch.cat([sel.new_zeros((sel.shape[0], h.shape[1] - sel.shape[1])), sel], 1)
+        return (h[s],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:

@@ -34,7 +34,10 @@ from factlab.errors import FactlabError
 from factlab.io import atomic_write_text
 
 METHODS = ("sequential", "lora", "joint", "cumulative", "replay", "reservoir", "generative",
-           "ewc", "online_ewc", "lwf")
+           "ewc", "online_ewc", "lwf", "l2p", "dualprompt", "coda", "adapters",
+           "adapters_soft")
+PROMPT_METHODS = {"l2p": "l2p", "dualprompt": "dual", "coda": "coda"}
+ROUTER_METHODS = {"adapters": "hard", "adapters_soft": "soft"}
 
 
 class ReplaySettings(Strict):
@@ -61,6 +64,42 @@ class GenerativeSettings(Strict):
                          "experience (LAMOL: 0.05 or 0.2)")
     weight: float = Field(0.25, ge=0, description="loss weight of the pseudo-bios' tokens")
     temperature: float = Field(1.0, gt=0)
+
+
+class PromptSettings(Strict):
+    """The prompt pools (``factlab.continual.prompts``) of ``l2p``, ``dualprompt`` (top-1
+    E-prompt, trained by experience: disjoint masks always) and ``coda`` (``size``
+    components split among the experiences)."""
+
+    size: int = Field(10, ge=1, description="prompts (CODA: components) in the pool")
+    top: int = Field(5, ge=1, description="L2P: prompts selected per row")
+    length: int = Field(5, ge=0, description="virtual tokens per prompt")
+    g_length: int = Field(5, ge=0, description="DualPrompt: the shared G-prompt's tokens")
+    layer: int | None = Field(None, description="query layer (default: about 2/3 of the "
+                              "depth)")
+    pool: Literal["name", "mean", "last"] = "name"
+    lam: float = Field(0.1, ge=0, description="weight of the key-pull term")
+    diversify: bool = Field(False, description="L2P: frequency-penalised selection")
+    masks: Literal["none", "disjoint"] = Field("none", description="L2P: experience t "
+                                               "selects only its own top prompts in training")
+    lr: float = Field(3e-2, gt=0)
+
+
+class AdapterSettings(Strict):
+    """``adapters`` / ``adapters_soft`` (``factlab.continual.router``): one LoRA adapter
+    per experience, routed per example from the frozen LM's query."""
+
+    r: int = Field(8, ge=1)
+    keys: Literal["examples", "mean"] = Field("examples", description="every training "
+                                              "example's query, or one mean per experience")
+    pool: Literal["name", "mean", "last"] = "name"
+    layer: int | None = None
+    modules: Literal["attention", "attention+mlp"] = Field(
+        "attention+mlp", description="what each adapter adapts")
+    margin: float = Field(0.02, ge=0, description="latest experience within this cosine "
+                          "of the best wins")
+    temperature: float = Field(0.05, gt=0, description="soft routing's softmax temperature")
+    lr: float = Field(1e-2, gt=0)
 
 
 class LoRASettings(Strict):
@@ -92,8 +131,11 @@ class ContinualSettings(Strict):
     lwf: LwFSettings = LwFSettings()
     generative: GenerativeSettings = GenerativeSettings()
     lora: LoRASettings = LoRASettings()
+    prompts: PromptSettings = PromptSettings()
+    adapters: AdapterSettings = AdapterSettings()
     select: dict[str, list] = Field(
-        {"lr": [3e-4, 1e-3], "ewc.lam": [100.0, 10000.0], "lwf.alpha": [0.5, 2.0]},
+        {"lr": [3e-4, 1e-3], "ewc.lam": [100.0, 10000.0], "lwf.alpha": [0.5, 2.0],
+         "prompts.lr": [3e-3, 3e-2], "adapters.lr": [3e-3, 1e-2]},
         description="settings chosen per method on a validation stream (a log grid each; "
                     "{} to use the settings as given)")
 
@@ -168,10 +210,30 @@ def _train_cfg(cfg: ContinualSettings, steps: int, lr: float):
 
 
 def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_attr: int,
-                   judge=None):
+                   judge=None, names=None):
     from factlab.continual.methods import EWC, Cumulative, GenerativeReplay, LwF, Replay
     from factlab.train.plugins import LoRA
 
+    if method in PROMPT_METHODS:
+        from factlab.continual.prompts import PromptLearning
+
+        p = cfg.prompts
+        kind = PROMPT_METHODS[method]
+        return [PromptLearning(kind=kind, size=p.size, top=p.top, length=p.length,
+                               g_length=p.g_length, layer=p.layer, pool=p.pool,
+                               names=names if p.pool == "name" else None, lam=p.lam,
+                               diversify=p.diversify and kind == "l2p",
+                               masks="disjoint" if kind == "dual" or (
+                                   kind == "l2p" and p.masks == "disjoint") else None,
+                               seed=cfg.seed)]
+    if method in ROUTER_METHODS:
+        from factlab.continual.router import ExperienceAdapters
+
+        a = cfg.adapters
+        return [ExperienceAdapters(base_data, r=a.r, names=names if a.pool == "name" else None,
+                                   pool=a.pool, layer=a.layer, keys=a.keys,
+                                   routing=ROUTER_METHODS[method], temperature=a.temperature,
+                                   margin=a.margin, modules=a.modules, seed=cfg.seed)]
     r, e = cfg.replay, cfg.ewc
     size = int(r.size) if r.size >= 1 else float(r.size)
     return {
@@ -251,11 +313,17 @@ def _drive(method: str, cfg: ContinualSettings, corpus, tok, model_dir: Path, ou
     facts = stream_facts(corpus, base_people=cfg.eval_people)
     data = [experience_data(corpus, tok, t, prompt_format="plain") for t in range(T + 1)]
     seq_len = _seq_len(data, model)
+    if method in PROMPT_METHODS:
+        _check_prompt_fit(method, cfg, seq_len, model)
     u = corpus.world.updates
     updated = (u.person.astype(np.int64), u.experience.astype(np.int64)) if len(u) else None
+    w = corpus.world
     plugins = method_plugins(method, cfg, data[0], updated, len(corpus.attributes),
-                             judge=pseudo_judge(corpus) if method == "generative" else None)
-    lr = cfg.lora.lr if method == "lora" else cfg.lr
+                             judge=pseudo_judge(corpus) if method == "generative" else None,
+                             names=list(w.people.names) + list(w.unknown.names))
+    lr = _lr(method, cfg)
+    if method in ROUTER_METHODS:  # wrapped up front: a bad layer fails before row 0
+        model = plugins[0].wrap(model, tok)
     if method == "joint":
         parts = [d.current(updated, T) for d in data]
         exps = [Experience("joint", FactStream.union(parts, seq_len, tok, qa_ratio=cfg.qa_ratio,
@@ -276,13 +344,22 @@ def _drive(method: str, cfg: ContinualSettings, corpus, tok, model_dir: Path, ou
     return drv, rows, plugins, data
 
 
+def _lr(method: str, cfg: ContinualSettings) -> float:
+    if method in ROUTER_METHODS:
+        return cfg.adapters.lr
+    return cfg.lora.lr if method == "lora" else cfg.prompts.lr if method in PROMPT_METHODS \
+        else cfg.lr
+
+
 def applies(key: str, method: str) -> bool:
     """Does the setting ``key`` (``select``'s dotted keys) change ``method``?"""
     head = key.split(".", 1)[0]
     return {"ewc": method in ("ewc", "online_ewc"), "lwf": method == "lwf",
             "replay": method in ("replay", "reservoir"), "lora": method == "lora",
-            "generative": method == "generative",
-            "lr": method != "lora", "qa_ratio": True}.get(head, False)
+            "generative": method == "generative", "prompts": method in PROMPT_METHODS,
+            "adapters": method in ROUTER_METHODS,
+            "lr": method != "lora" and method not in PROMPT_METHODS | ROUTER_METHODS.keys(),
+            "qa_ratio": True}.get(head, False)
 
 
 def with_value(cfg: ContinualSettings, key: str, value) -> ContinualSettings:
@@ -378,7 +455,7 @@ def run_method(method: str, cfg: ContinualSettings, stream_dir: Path, model_dir:
     values, pools = _value_maps(corpus)
     summary = M.summary(rows, T, values, pools)
     n_train = sum(p.numel() for p in drv.model.parameters() if p.requires_grad)
-    lr = cfg.lora.lr if method == "lora" else cfg.lr
+    lr = _lr(method, cfg)
     res = {"method": method, "T": T, "kinds": kinds_of(corpus), "summary": summary,
            "cost": _cost(method, cfg, drv, plugins, data, n_train, len(corpus.attributes), T),
            "seconds": {"train": drv.seconds["train"], "eval": drv.seconds["eval"],
@@ -386,6 +463,10 @@ def run_method(method: str, cfg: ContinualSettings, stream_dir: Path, model_dir:
            "settings": {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": lr,
                         "qa_ratio": cfg.qa_ratio, **_method_settings(method, cfg)},
            "select": chosen}
+    if method in PROMPT_METHODS:
+        res["prompts"] = prompt_report(drv.model, tok, rows[T])
+    if method in ROUTER_METHODS:
+        res["routing"] = routing_report(drv.model, tok, rows[T], cfg)
     atomic_write_text(done, json.dumps(res, indent=1) + "\n")
     return res
 
@@ -395,7 +476,10 @@ def _method_settings(method: str, cfg: ContinualSettings) -> dict:
             "lwf": {"lwf": cfg.lwf.model_dump()}, "replay": {"replay": cfg.replay.model_dump()},
             "reservoir": {"replay": cfg.replay.model_dump()},
             "lora": {"lora": cfg.lora.model_dump()},
-            "generative": {"generative": cfg.generative.model_dump()}}.get(method, {})
+            "generative": {"generative": cfg.generative.model_dump()},
+            **{m: {"prompts": cfg.prompts.model_dump()} for m in PROMPT_METHODS},
+            **{m: {"adapters": cfg.adapters.model_dump()} for m in ROUTER_METHODS}
+            }.get(method, {})
 
 
 def _seq_len(data, model) -> int:
@@ -409,6 +493,100 @@ def _seq_len(data, model) -> int:
         raise FactlabError(f"continual: the longest example is {longest} tokens, longer than "
                            f"the model's context ({ctx})")
     return min(n, ctx) if ctx else n
+
+
+def prompt_positions(method: str, p: PromptSettings) -> int:
+    return {"l2p": p.top * p.length, "dualprompt": p.g_length + p.length,
+            "coda": p.length}[method]
+
+
+def _check_prompt_fit(method: str, cfg: ContinualSettings, seq_len: int, model) -> None:
+    P = prompt_positions(method, cfg.prompts)
+    ctx = getattr(model.config, "max_position_embeddings", None)
+    if ctx and seq_len + P > ctx:
+        raise FactlabError(f"{method}: {P} prompt positions (prompts.top x prompts.length) "
+                           f"+ the longest example ({seq_len} positions) exceed the model's "
+                           f"context ({ctx}); shorten the prompts")
+
+
+def prompt_report(model, tok, records: list[dict]) -> dict:
+    """A prompt pool's usage histogram (training selections per experience) and, on the
+    test facts, the prompt matching rate by label (CODA: the components' mean weight)."""
+    import torch
+
+    from factlab.continual.prompts import matching_rate, selections
+    from factlab.tokens.prompts import prompt_text
+
+    texts = [prompt_text(r["question"], tok, "plain") for r in records]
+    sel = selections(model, tok, texts)
+    out = {"usage": model.usage.tolist(), "prompt_positions": model.n_virtual,
+           "query_layer": model.layer, "kind": model.kind}
+    if model.kind == "coda":
+        out["mean_alpha"] = sel.mean(0).tolist()
+        return out
+    exp = [int(r["experience"]) if r["label"] in ("new", "updated") else 0 for r in records]
+    labels = [r["label"] for r in records]
+    out["matching_rate"] = matching_rate(sel, model.usage, exp)
+    out["matching_rate_by_label"] = {
+        lab: matching_rate(sel[[i for i, x in enumerate(labels) if x == lab]], model.usage,
+                           [exp[i] for i, x in enumerate(labels) if x == lab])
+        for lab in ("new", "updated")}
+    # which prompts the base world's (experience-0) facts select: no prompt trained on them
+    base = [i for i, x in enumerate(labels) if x == "invariant"]
+    if base:
+        h = torch.bincount(sel[base].reshape(-1), minlength=model.size)
+        out["invariant_selection"] = h.tolist()
+    return out
+
+
+def _true_experience(r: dict) -> int:
+    """The experience whose module should answer a test fact: its cohort's or its update's
+    (new, updated facts); the base world (0) for invariant and unknown people's facts."""
+    return int(r["experience"]) if r["label"] in ("new", "updated") else 0
+
+
+def routing_report(model, tok, records: list[dict], cfg: ContinualSettings) -> dict:
+    """Routing accuracy against the true experience (by label), and exact match with an
+    oracle router (the true experience of every question) beside the learned router's."""
+    from factlab.continual.router import route
+    from factlab.evaluate.generate import generate
+    from factlab.evaluate.metrics import exact_match
+    from factlab.tokens.prompts import completion_text, prompt_text
+
+    texts = [prompt_text(r["question"], tok, "plain") for r in records]
+    true = [_true_experience(r) for r in records]
+    got = route(model, tok, texts)
+    labels = [r["label"] for r in records]
+
+    def by_label(flags):
+        out = {}
+        for lab in ("invariant", "updated", "new", "unknown"):
+            x = [f for f, la in zip(flags, labels) if la == lab]
+            out[lab] = sum(x) / len(x) if x else None
+        return out
+
+    hit = [g == t for g, t in zip(got, true)]
+    routed = [p["prediction"] == completion_text(p["answer"], "plain") for p in records]
+    was = model.routing
+    model.set_oracle(tok(texts)["input_ids"], true)
+    model.routing = "oracle"
+    try:
+        golds = [completion_text(r["answer"], "plain") for r in records]
+        longest = max(len(x) for x in tok(golds, add_special_tokens=False)["input_ids"])
+        preds = generate(model, tok, texts, max_new_tokens=longest + 4,
+                         batch_size=cfg.eval_batch)
+        oracle = exact_match(preds, golds).tolist()
+    finally:
+        model.routing = was
+    known = [la != "unknown" for la in labels]
+    mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
+    return {"routing_accuracy": mean(hit), "routing_accuracy_by_label": by_label(hit),
+            "routing_accuracy_known": mean([h for h, k in zip(hit, known) if k]),
+            "routed_to": {str(e): got.count(e) for e in sorted(set(got))},
+            "exact_match_router": mean([c for c, k in zip(routed, known) if k]),
+            "exact_match_oracle": mean([c for c, k in zip(oracle, known) if k]),
+            "exact_match_router_by_label": by_label(routed),
+            "exact_match_oracle_by_label": by_label(oracle)}
 
 
 def _value_maps(corpus):
@@ -430,12 +608,29 @@ def _value_maps(corpus):
 def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
     """What the method costs beyond sequential finetuning."""
     from factlab.continual.methods import EWC, GenerativeReplay, LwF, Replay
+    from factlab.continual.prompts import PromptLearning, PromptPool
+    from factlab.continual.router import ExperienceAdapters
+    from factlab.model.layers import decoder_layers
 
     c = {"trainable_params": int(n_train), "added_params_per_experience": 0,
          "buffer_examples": 0, "buffer_tokens": 0, "buffer_facts": 0,
          "extra_forward_per_row": 0.0, "extra_backward_examples": 0,
          "steps": cfg.steps * T, "rows": cfg.steps * T * cfg.batch_size}
     for p in plugins:
+        if isinstance(p, PromptLearning) and isinstance(drv.model, PromptPool):
+            m = drv.model
+            depth = len(decoder_layers(m.backbone))
+            c.update(extra_forward_per_row=(m.layer + 1) / depth,
+                     prompt_positions=m.n_virtual, pool_params=int(n_train))
+            if m.kind == "coda":  # each experience adds its own components
+                c["added_params_per_experience"] = int(n_train // m.experiences)
+        if isinstance(p, ExperienceAdapters):
+            added = [a["params"] for t, a in sorted(p.added.items()) if t > 0]
+            c.update(added_params_per_experience=int(added[-1]) if added else 0,
+                     adapters=len(added), adapter_params_total=int(sum(added)),
+                     router_keys=int(sum(a["keys"] for a in p.added.values())),
+                     extra_forward_per_row=(drv.model.layer + 1) / len(
+                         decoder_layers(drv.model.backbone)))
         if isinstance(p, Replay):
             st = p.buffer_stats
             c.update(buffer_examples=st.get("examples", 0), buffer_tokens=st.get("tokens", 0),

@@ -26,25 +26,8 @@ from torch import nn
 from factlab.errors import FactlabError
 from factlab.memory.bank import ProductKeyMemory
 from factlab.memory.gate import KeyGate
+from factlab.model.layers import decoder_layers  # noqa: F401 (re-exported)
 from factlab.model.wrapper import FrozenBackbone
-
-# where the decoder layers of each supported family live
-_LAYERS = ("gpt_neox.layers", "model.layers", "transformer.h", "model.decoder.layers")
-
-
-def decoder_layers(model) -> nn.ModuleList:
-    for path in _LAYERS:
-        mod = model
-        for part in path.split("."):
-            mod = getattr(mod, part, None)
-            if mod is None:
-                break
-        if isinstance(mod, nn.ModuleList) and len(mod):
-            return mod
-    mtype = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    raise FactlabError(f"memory: cannot find the decoder layers of a {mtype!r} model "
-                       f"(supported: GPT-NeoX, Llama, Mistral, Qwen2, GPT-2 and others "
-                       f"with {' / '.join(_LAYERS)})")
 
 
 def default_layers(n_layers: int) -> list[int]:

@@ -113,7 +113,7 @@ class Driver:
         tmp = self.out / ".state.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        params = self._params()
+        params = self._params(t)
         save_trainable(self.model, tmp / "model.safetensors", params)
         torch.save({"t": t, "plugins": {p.name: p.state_dict() for p in self.plugins},
                     "frozen": frozen_fingerprint(self.model, params=params)}, tmp / "driver.pt")
@@ -137,20 +137,29 @@ class Driver:
         for p in self.plugins:
             p.setup(stub)
         load_trainable(self.model, self._state_dir() / "model.safetensors", st.get("frozen"),
-                       self._params())
+                       self._params(int(st["t"])))
         for p in self.plugins:
             p.load_state_dict(st["plugins"].get(p.name, {}))
         return int(st["t"])
 
-    def _params(self) -> list:
-        """What the plugins train (as the loop groups it): what a state holds."""
+    def _params(self, upto: int = 1) -> list:
+        """What the plugins train (as the loop groups it) in any of experiences 1..``upto``:
+        what a state after experience ``upto`` holds. A method whose trainable set changes
+        with the experience (a new adapter or new prompt components per experience, the
+        earlier ones frozen) keeps every experience's in its states."""
         from factlab.train.optim import param_groups
 
-        cfg = self.experiences[0].cfg
-        stub = _Stub(self, 1)
-        groups = param_groups([(p.name, p.trainable(stub)) for p in self.plugins],
-                              self.model.parameters(), cfg)
-        return [q for g in groups for q in g["params"]]
+        out, seen = [], set()
+        for t in range(1, max(1, min(upto, self.T)) + 1):
+            stub = _Stub(self, t)
+            groups = param_groups([(p.name, p.trainable(stub)) for p in self.plugins],
+                                  self.model.parameters(), self.experiences[t - 1].cfg)
+            for g in groups:
+                for q in g["params"]:
+                    if id(q) not in seen:
+                        seen.add(id(q))
+                        out.append(q)
+        return out
 
     # -------------------------------------------------------------------- run
     def _evaluate(self, t: int) -> None:

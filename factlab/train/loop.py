@@ -240,6 +240,7 @@ class Loop:
         torch.manual_seed(cfg.seed)
         for p in self.plugins:
             p.setup(self)  # idempotent: a driver runs one loop per experience
+        self.model.zero_grad(set_to_none=True)  # nothing left from an earlier loop
         opts = self._optimizers()
         scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, cfg)) for o in opts]
         model, *opts = acc.prepare(self.model, *opts)
@@ -317,6 +318,9 @@ class Loop:
                     sc.step()
                 for o in opts:
                     o.zero_grad(set_to_none=True)
+                # and every other parameter's: one with requires_grad that no optimizer
+                # steps must not carry gradients into a later experience that trains it
+                model.zero_grad(set_to_none=True)
                 self.step = step + 1
                 tok_since += rows * n_proc * seq_len  # sequence positions, as before trimming
                 logs = {"step": step + 1, "loss": loss_sum, "lr": scheds[0].get_last_lr()[0]}
