@@ -465,9 +465,40 @@ def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
     assert cli("stream", "make", s, "--facts", f0, "--facts", f1, "--model",
                tiny_cell / "finetune" / "model", "--tokenizer", tiny_cell / "tokenizer") == 0
     out = tmp_path / "run"
-    assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay]", "steps=5",
-               "parallel=1", "--out", out) == 0  # lr chosen on the stream's own base world
+    assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay,adapters]",
+               "steps=5", "parallel=1", "--out", out) == 0  # lr chosen on its own base world
     res = json.loads((out / "results.json").read_text())
     assert res["methods"][0]["select"]["chosen"]["lr"] in (3e-4, 1e-3)
     c = res["methods"][0]["summary"]["ckl"]
     assert c["n_updated"] == 1 and c["n_new"] == 2 and c["n_invariant"] == 3
+    # the router keys on the user's entity names: the new entities' questions and Big Ben's
+    # update find the second file's adapter (an entity seen only in a bio can miss: this
+    # tiny model's name states after "What is the city of" are far from a text's start)
+    r = res["methods"][2]["routing"]
+    by = r["routing_accuracy_by_label"]
+    assert by["new"] == by["updated"] == 1.0, r["misrouted"]
+
+
+def test_killed_prompt_pool_run_resumes_to_the_same_matrix(tiny_cell, tmp_path, monkeypatch):
+    """CODA's components are initialised per experience (orthogonal to the earlier ones)
+    and its usage and init flags are state: a resumed run trains the same prompts."""
+    from factlab.continual import prompts
+    from factlab.experiments.continual import run_continual
+
+    cfg = _settings(tiny_cell, methods=["coda"], steps=20,
+                    make={"cohorts": 2, "people": 4, "updates": 0.25},
+                    prompts={"length": 2, "size": 6, "lr": 3e-2})
+    whole = run_continual(cfg, tmp_path / "whole", progress=False)
+
+    def dies_at_2(self, loop, t):
+        if t == 2:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(prompts.PromptLearning, "before_experience", dies_at_2, raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(cfg, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    again = run_continual(cfg, tmp_path / "cut", progress=False)
+    a, b = whole["methods"][0], again["methods"][0]
+    assert a["summary"]["matrix"] == b["summary"]["matrix"]
+    assert a["prompts"]["mean_alpha"] == b["prompts"]["mean_alpha"]

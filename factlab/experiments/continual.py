@@ -15,7 +15,10 @@ Methods (``METHODS``): ``sequential`` (full finetuning, the lower bound), ``lora
 (sequential LoRA), ``joint`` (one experience over the base and every experience, each
 drawn equally often, for T x steps: the upper bound), ``cumulative`` (experience t
 retrains on everything so far), ``replay`` (full replay of earlier data), ``reservoir``
-(a reservoir buffer), ``ewc``, ``online_ewc`` and ``lwf``. Every method trains ``steps``
+(a reservoir buffer), ``generative`` (generative replay), ``ewc``, ``online_ewc``,
+``lwf``, the prompt pools ``l2p``, ``dualprompt`` and ``coda`` over the frozen model
+(``factlab.continual.prompts``), and ``adapters`` / ``adapters_soft`` (one LoRA adapter
+per experience, routed per example: ``factlab.continual.router``). Every method trains ``steps``
 optimizer steps of ``batch_size`` rows per experience (joint: T x steps at once).
 """
 
@@ -115,7 +118,7 @@ class ContinualSettings(Strict):
     base: str | None = None
     stream: str | None = None
     make: StreamConfig = StreamConfig(cohorts=2, people=50, updates=0.1)
-    methods: list[str] = ["sequential", "joint", "replay", "ewc", "lwf"]
+    methods: list[str] = ["sequential", "joint", "replay", "ewc", "l2p", "adapters"]
     steps: int = Field(300, ge=1, description="optimizer steps per experience")
     batch_size: int = Field(8, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -583,6 +586,9 @@ def routing_report(model, tok, records: list[dict], cfg: ContinualSettings) -> d
     return {"routing_accuracy": mean(hit), "routing_accuracy_by_label": by_label(hit),
             "routing_accuracy_known": mean([h for h, k in zip(hit, known) if k]),
             "routed_to": {str(e): got.count(e) for e in sorted(set(got))},
+            "misrouted": [{"question": r["question"], "label": r["label"], "true": t,
+                           "routed": g} for r, g, t in zip(records, got, true)
+                          if g != t and r["label"] != "unknown"][:10],
             "exact_match_router": mean([c for c, k in zip(routed, known) if k]),
             "exact_match_oracle": mean([c for c, k in zip(oracle, known) if k]),
             "exact_match_router_by_label": by_label(routed),
@@ -792,7 +798,10 @@ def run_continual_full(cfg: ContinualFullSettings, out, *, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     mine = cfg.model_dump(mode="json")
     marker = out / "continual_full.json"
-    if marker.is_file() and not _same(json.loads(marker.read_text(encoding="utf-8")), mine):
+    old = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    if old is not None:
+        old.pop("methods", None)  # methods may be added to a run
+    if old is not None and not _same(old, mine):
         raise FactlabError(f"{out} holds a continual-full run of other settings; use another "
                            f"--out (or --force)")
     atomic_write_text(marker, json.dumps(mine, indent=1) + "\n")
