@@ -78,6 +78,7 @@ from torch import nn
 
 from factlab.continual.query import POOLS, NameIndex, check_layer, default_layer, frozen_query
 from factlab.errors import FactlabError
+from factlab.evaluate.score import _pad_id
 from factlab.model.wrapper import FORMAT, MARKER, WEIGHTS, FrozenBackbone
 from factlab.train.plugins import _LORA_TARGETS, Plugin
 
@@ -100,15 +101,6 @@ MODULES = ("attention", "attention+mlp")
 
 def _adapter(t: int) -> str:
     return f"e{int(t)}"
-
-
-def _pad_id(config) -> int:
-    for key in ("pad_token_id", "eos_token_id"):
-        v = getattr(config, key, None)
-        v = v[0] if isinstance(v, (list, tuple)) and v else v
-        if isinstance(v, int) and v >= 0:
-            return v
-    return 0
 
 
 class RoutedAdapters(FrozenBackbone):
@@ -327,7 +319,7 @@ class RoutedAdapters(FrozenBackbone):
         """(N, d) queries of token sequences (lists / arrays of ids, unpadded)."""
         out = [None] * len(seqs)
         dev = self.device
-        for ids, mask, idx in _batches(seqs, batch_size, _pad_id(self.config)):
+        for ids, mask, idx in _batches(seqs, batch_size, _pad_id(self)):
             q = self.query(ids.to(dev), mask.to(dev)).cpu()
             for row, i in enumerate(idx):
                 out[i] = q[row]
@@ -559,7 +551,7 @@ def route(model, tokenizer, prompts, *, batch_size: int = 64) -> list[int]:
     out: list[int] = [0] * len(enc)
     dev = model.device
     with torch.inference_mode():
-        for ids, mask, idx in _batches(enc, batch_size, _pad_id(model.config)):
+        for ids, mask, idx in _batches(enc, batch_size, _pad_id(model)):
             for i, e in zip(idx, model.experiences_of(ids.to(dev), mask.to(dev))):
                 out[i] = int(e)
     return out
