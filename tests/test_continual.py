@@ -15,8 +15,8 @@ from factlab.continual.data import FactStream, experience_data
 from factlab.continual.methods import (EWC, LwF, Replay, diagonal_fisher, distillation_kl,
                                        reservoir)
 from factlab.corpus import load_world, save_world
-from factlab.corpus.stream import (StreamConfig, counts, load_stream, make_stream, save_stream,
-                                   stream_facts)
+from factlab.corpus.stream import (StreamConfig, counts, kinds_of, load_stream, make_stream,
+                                   save_stream, stream_facts)
 from factlab.errors import FactlabError
 
 SMALL_POOLS = {"cities": 12, "universities": 12, "majors": 12, "companies": 12}
@@ -334,12 +334,13 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     args = ["run", "continual", f"base={tiny_cell}", "steps=10", "eval_people=4",
             "parallel=1", "make.cohorts=1", "make.people=4", "make.updates=0.25",
             "methods=[sequential,lora,joint,cumulative,replay,reservoir,generative,ewc,online_ewc,"
-            "lwf,l2p,dualprompt,coda]", "prompts.top=2", "prompts.length=2",
+            "lwf,l2p,dualprompt,coda,l2p_prefix,dualprompt_prefix]", "prompts.top=2",
+            "prompts.length=2",
             "prompts.g_length=2", "ewc.samples=4", "select={}", "--out", out]
     assert cli(*args) == 0
     res = json.loads((out / "results.json").read_text())
     names = [m["method"] for m in res["methods"]]
-    assert len(names) == 13
+    assert len(names) == 15
     for m in res["methods"]:
         s = m["summary"]
         assert len(s["matrix"]) == 3 and s["ckl"]["n_updated"] > 0
@@ -348,8 +349,11 @@ def test_run_continual_every_method_and_the_cli(tiny_cell, tmp_path):
     assert cost["replay"]["buffer_examples"] > 0 and cost["lwf"]["extra_forward_per_row"] == 1
     assert cost["lora"]["trainable_params"] < cost["sequential"]["trainable_params"]
     pools = {m["method"]: m["prompts"] for m in res["methods"] if m.get("prompts")}
-    assert set(pools) == {"l2p", "dualprompt", "coda"}
+    assert set(pools) == {"l2p", "dualprompt", "coda", "l2p_prefix", "dualprompt_prefix"}
     assert pools["l2p"]["prompt_positions"] == 4 and pools["dualprompt"]["prompt_positions"] == 4
+    assert pools["l2p_prefix"]["prompt_positions"] == 4
+    assert pools["dualprompt_prefix"]["prompt_positions"] == 2  # G and E on their own layers
+    assert cost["l2p_prefix"]["trainable_params"] > cost["l2p"]["trainable_params"]
     assert sum(pools["l2p"]["usage"][1]) == 10 * 8 * 2  # steps x rows x top, experience 1
     assert sum(pools["dualprompt"]["usage"][1]) == 10 * 8  # top-1, its own E-prompt
     assert pools["dualprompt"]["usage"][1][0] == 10 * 8
@@ -441,15 +445,85 @@ def test_user_stream_from_fact_files(tmp_path, capsys):
     assert recs[("What is the height of Colosseum?", "new")]["experience"] == 1
     assert recs[("What is the city of CN Tower?", "new")]["experience"] == 1
     assert [e["kind"] for e in meta["experiences"]] == ["cohort+update", "update"]
-    # bad input: a file with a bad row, an attribute the base lacks, a file adding nothing
+    # an attribute the base lacks is a new kind of fact: known entities gain it as new facts
+    col = tmp_path / "color.csv"
+    col.write_text("entity,attribute,value\nBig Ben,color,gold\nTaipei 101,color,green\n")
+    assert cli("stream", "make", tmp_path / "c", "--facts", f0, "--facts", col) == 0
+    c2, _ = load_stream(tmp_path / "c")
+    assert c2.attributes == ("city", "height", "color")
+    rc = {(r["question"], r["label"]): r for r in stream_facts(c2).records()}
+    assert rc[("What is the color of Big Ben?", "new")]["answer"] == "gold"
+    assert rc[("What is the color of Taipei 101?", "new")]["experience"] == 1
+    assert rc[("What is the city of Big Ben?", "invariant")]["answer"] == "London"
+    assert not any(q == "What is the color of Colosseum?" for q, _ in rc)
+    # bad input: a file with a bad row, a file adding nothing
     bad = tmp_path / "bad.csv"
     bad.write_text("entity,attribute,value\nBig Ben,,x\n")
     assert cli("stream", "make", tmp_path / "b1", "--facts", f0, "--facts", bad) == 2
-    bad.write_text("entity,attribute,value\nBig Ben,color,gold\nCN Tower,color,grey\n")
-    assert cli("stream", "make", tmp_path / "b2", "--facts", f0, "--facts", bad) == 2
     assert cli("stream", "make", tmp_path / "b3", "--facts", f0, "--facts", f0) == 2
-    assert not any((tmp_path / b).exists() for b in ("b1", "b2", "b3"))
+    assert not any((tmp_path / b).exists() for b in ("b1", "b3"))
     capsys.readouterr()
+
+
+def test_a_biography_world_then_fact_files_of_other_kinds(tmp_path):
+    """make.facts: a user's fact files after a world's cohorts, each one experience whose
+    entities and attributes are its own (inputs that separate the experiences)."""
+    base = make(people=30)
+    ships = tmp_path / "ships.csv"
+    ships.write_text("entity,attribute,value\nHMS Arvel,home port,Port Sal\n"
+                     "HMS Arvel,builder,Koral Yards\nSS Quill,home port,Eastmere\n"
+                     "SS Quill,launch year,1911\nMV Tess,builder,Koral Yards\n")
+    chem = tmp_path / "chem.jsonl"
+    chem.write_text("".join(json.dumps({"entity": e, "attribute": a, "value": v}) + "\n"
+                            for e, a, v in [("Velorine", "melting point", "120 degrees"),
+                                            ("Dunate", "melting point", "75 degrees"),
+                                            ("SS Quill", "home port", "Port Sal")]))
+    cfg = StreamConfig(cohorts=1, people=4, updates=0, facts=[str(ships), str(chem)], seed=3)
+    s = make_stream(base, cfg)
+    assert s.experiences == [1, 2, 3] and kinds_of(s) == ["cohort", "cohort", "cohort+update"]
+    A = len(base.attributes)
+    assert s.attributes == base.attributes + ("home port", "builder", "launch year",
+                                               "melting point")
+    w = s.world
+    quill = w.people.names.index("SS Quill")
+    assert w.arrival[quill] == 2 and w.people.value(quill, "launch year") == "1911"
+    assert (w.people.codes[: len(base.people), A:] == -1).all()  # nobody else has them
+    # the base world's text and facts are unchanged; its cached bios gained empty columns
+    assert list(s.bios().text) == list(base.bios().text)
+    c1 = make_stream(base, cfg.model_copy(update={"facts": []}))
+    assert list(s.cohort_bios(1).text) == list(c1.cohort_bios(1).text)
+    assert base.qa().question == s.qa().question
+    assert s.bios().spans.shape[1] == len(s.attributes) and (s.bios().spans[:, A:] == -1).all()
+    recs = stream_facts(s).records()
+    mine = [r for r in recs if r["attribute"] in s.attributes[A:]]
+    assert {(r["question"], r["label"], r["experience"]) for r in mine} == {
+        ("What is the home port of HMS Arvel?", "new", 2),
+        ("What is the builder of HMS Arvel?", "new", 2),
+        ("What is the home port of SS Quill?", "updated", 3),
+        ("What is the launch year of SS Quill?", "new", 2),
+        ("What is the builder of MV Tess?", "new", 2),
+        ("What is the melting point of Velorine?", "new", 3),
+        ("What is the melting point of Dunate?", "new", 3)}
+    bios = s.cohort_bios(2)
+    for d, text in enumerate(bios.text):
+        for a, (lo, hi) in enumerate(bios.spans[d].tolist()):
+            if lo >= 0:
+                assert text[lo:hi] == w.people.value(int(bios.person[d]), a)
+    assert any("Koral Yards" in t for t in bios.text)
+    # saved and loaded: the same attributes, facts and text
+    save_stream(s, tmp_path / "st", cfg=cfg)
+    s2, meta = load_stream(tmp_path / "st")
+    assert s2.attributes == s.attributes and stream_facts(s2).records() == recs
+    assert list(s2.cohort_bios(3).text) == list(s.cohort_bios(3).text)
+    assert meta["config"]["facts"] == [str(ships), str(chem)]
+    # bad input: a fact file that does not exist; one naming an unknown person
+    with pytest.raises(FactlabError, match="nope.csv: no such file"):
+        make_stream(base, cfg.model_copy(update={"facts": [str(tmp_path / "nope.csv")]}))
+    who = tmp_path / "who.csv"
+    who.write_text(f"entity,attribute,value\nHMS Arvel,home port,Y\n"
+                   f"{base.unknown.names[0]},home port,X\n")
+    with pytest.raises(FactlabError, match="unknown people"):
+        make_stream(base, cfg.model_copy(update={"facts": [str(who)]}))
 
 
 def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
@@ -465,7 +539,7 @@ def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
     assert cli("stream", "make", s, "--facts", f0, "--facts", f1, "--model",
                tiny_cell / "finetune" / "model", "--tokenizer", tiny_cell / "tokenizer") == 0
     out = tmp_path / "run"
-    assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay,adapters]",
+    assert cli("run", "continual", f"stream={s}", "methods=[sequential,replay,adapters,olora]",
                "steps=5", "parallel=1", "--out", out) == 0  # lr chosen on its own base world
     res = json.loads((out / "results.json").read_text())
     assert res["methods"][0]["select"]["chosen"]["lr"] in (3e-4, 1e-3)
@@ -477,6 +551,11 @@ def test_continual_on_a_user_stream_and_model(tiny_cell, tmp_path):
     r = res["methods"][2]["routing"]
     by = r["routing_accuracy_by_label"]
     assert by["new"] == by["updated"] == 1.0, r["misrouted"]
+    assert r["routing_accuracy_by_experience"]["1"] == 1.0
+    ol = res["methods"][3]  # O-LoRA: the adapters summed, nothing routed, no keys
+    assert "routing" not in ol and ol["cost"]["router_keys"] == 0
+    assert ol["cost"]["adapters"] == 1 and ol["cost"]["extra_forward_per_row"] == 0
+    assert ol["settings"]["adapters"]["ortho"] == 0.5
 
 
 def test_killed_prompt_pool_run_resumes_to_the_same_matrix(tiny_cell, tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from factlab.evaluate.generate import generate
 from factlab.evaluate.score import score_answers
 
 KINDS = ("l2p", "dual", "coda")
+BOTH = [(k, pl) for pl in ("input", "prefix") for k in KINDS]
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +61,11 @@ def test_name_query_is_causal_and_found(setup):
     assert not torch.allclose(mean_a, mean_b)  # the mean pool reads the answer too
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_zero_length_prompts_are_the_backbone(setup, kind):
+@pytest.mark.parametrize("kind,placement", BOTH)
+def test_zero_length_prompts_are_the_backbone(setup, kind, placement):
     w, tok, model, names = setup
-    pp = PromptPool(model, kind=kind, length=0, g_length=0, name_ids=_ids(tok, names))
+    pp = PromptPool(model, kind=kind, length=0, g_length=0, name_ids=_ids(tok, names),
+                    placement=placement)
     x = torch.tensor([tok(f"Where was {names[0]} born?")["input_ids"]])
     assert torch.equal(pp(input_ids=x).logits, model(input_ids=x).logits)
     qs = _questions(names[:6])
@@ -87,15 +89,17 @@ def _train(model, tok, w, names, kind, tmp_path, steps=15, **kw):
     return loop.model
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_training_moves_prompts_only_and_selection_is_per_example(setup, kind, tmp_path):
+@pytest.mark.parametrize("kind,placement", BOTH)
+def test_training_moves_prompts_only_and_selection_is_per_example(setup, kind, placement,
+                                                                  tmp_path):
     w, tok, model, names = setup
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pp = PromptPool(model, kind=kind, length=2, g_length=2, top=2, size=6,
-                    name_ids=_ids(tok, names))
+                    name_ids=_ids(tok, names), placement=placement)
     p0 = pp.prompts.detach().clone()
     k0 = pp.keys.detach().clone()
-    trained = _train(model, tok, w, names, kind, tmp_path / kind)
+    trained = _train(model, tok, w, names, kind, tmp_path / kind, placement=placement)
+    assert trained.placement == placement
     assert isinstance(trained, PromptPool)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert not torch.equal(trained.prompts.detach(), p0)
@@ -112,6 +116,22 @@ def test_training_moves_prompts_only_and_selection_is_per_example(setup, kind, t
     s1, s64 = selections(trained, tok, qs, batch_size=1), selections(trained, tok, qs,
                                                                       batch_size=64)
     assert torch.equal(s1, s64) if kind != "coda" else torch.allclose(s1, s64, atol=1e-5)
+    # generation (HF generate over the prompt) and the forward agree: every greedy token
+    # is the forward's argmax after the question and the tokens before it
+    trained.eval()
+    for q in qs[:4]:
+        qi = torch.tensor([tok(q)["input_ids"]])
+        with torch.no_grad():
+            out = trained.generate(input_ids=qi, attention_mask=torch.ones_like(qi),
+                                   max_new_tokens=6, do_sample=False,
+                                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            n = qi.shape[1]
+            assert torch.equal(out[:, :n], qi)
+            new = out[0, n:].tolist()
+            if tok.eos_token_id in new:
+                new = new[:new.index(tok.eos_token_id) + 1]
+            lg = trained(input_ids=out[:, :n + len(new)]).logits[0]
+        assert lg[n - 1:n - 1 + len(new)].argmax(-1).tolist() == new
 
 
 def test_diversified_selection_and_disjoint_masks_move_usage(setup):
@@ -186,17 +206,18 @@ def test_coda_keeps_earlier_components_frozen(setup, tmp_path):
     assert (k[:3] @ k[3:].t()).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_save_load_reproduces_predictions(setup, kind, tmp_path):
+@pytest.mark.parametrize("kind,placement", BOTH)
+def test_save_load_reproduces_predictions(setup, kind, placement, tmp_path):
     from factlab.model.load import load_any
 
     w, tok, model, names = setup
     model.save_pretrained(tmp_path / "bb")
     bb = load_any(tmp_path / "bb")
-    trained = _train(bb, tok, w, names, kind, tmp_path / "run", steps=6)
+    trained = _train(bb, tok, w, names, kind, tmp_path / "run", steps=6, placement=placement)
     trained.save_pretrained(tmp_path / "pool")
     again = load_any(tmp_path / "pool")
     assert isinstance(again, PromptPool) and again.kind == kind
+    assert again.placement == placement and torch.equal(again.prompts, trained.prompts)
     qs = _questions(names[:8])
     assert generate(again, tok, qs) == generate(trained, tok, qs)
     assert torch.equal(again.usage, trained.usage)
@@ -217,3 +238,10 @@ def test_bad_sizes(setup):
     x = torch.tensor([tok(f"Where was {names[0]} born?")["input_ids"]])
     with pytest.raises(FactlabError, match="exceed the model's context"):
         pp(input_ids=x)
+    pp = PromptPool(model, size=4, top=4, length=70, name_ids=ids, placement="prefix")
+    with pytest.raises(FactlabError, match="exceed the model's context"):
+        pp(input_ids=x)
+    with pytest.raises(FactlabError, match="g_length .3. must equal length .2."):
+        PromptPool(model, kind="dual", length=2, g_length=3, name_ids=ids, placement="prefix")
+    with pytest.raises(FactlabError, match="placement 'middle'"):
+        PromptPool(model, name_ids=ids, placement="middle")

@@ -468,3 +468,54 @@ def test_soft_routing_weighs_the_adapters_per_row(world):
                                   atol=1e-3)
     assert soft.n_experiences == 2 and soft.current == 2  # left as it was
     assert [p.requires_grad for p in soft.adapter_parameters(1)] == [False, False] * 2
+
+
+def test_olora_sums_every_adapter_and_pulls_the_new_one_orthogonal(world, tmp_path):
+    """routing="sum" (O-LoRA): every row goes through every adapter (the sum of their
+    updates: zeroing one adapter's B leaves exactly the other's model), no keys are
+    stored; the orthogonality penalty is ‖A_1 A_2ᵀ‖² and training with it leaves the two
+    adapters' down projections closer to orthogonal than training without it, with the
+    first adapter untouched in experience 2."""
+    tok = world["tok"]
+    ps, _, _ = (x[::3] for x in prompts_of(world))
+    ids, mask = _right_padded(tok, ps)
+    m = routed(world, routing="sum", random_b=True)
+    hard = routed(world, random_b=True)
+
+    def logits(model):
+        with torch.no_grad():
+            return model(input_ids=ids, attention_mask=mask).logits
+
+    both = logits(m)
+    for keep, drop in ((1, 2), (2, 1)):
+        saved = [p.detach().clone() for p in m.adapters[f"e{drop}"].parameters()]
+        with torch.no_grad():
+            for name, p in m.adapters[f"e{drop}"].named_parameters():
+                if name.endswith("B.weight"):
+                    p.zero_()
+        with hard.forced(keep):
+            torch.testing.assert_close(logits(m), logits(hard), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            for p, s in zip(m.adapters[f"e{drop}"].parameters(), saved):
+                p.copy_(s)
+    with hard.forced(2):
+        assert not torch.allclose(both, logits(hard), atol=1e-3)
+    # the penalty, by hand
+    want = sum((m.adapters["e1"][k]["A"].weight @ m.adapters["e2"][k]["A"].weight.t())
+               .pow(2).sum() for k in m.adapters["e2"])
+    torch.testing.assert_close(m.orthogonality(2), want)
+    assert float(m.orthogonality(1)) == 0.0
+
+    def overlap(ortho, out):
+        plug = _adapters(world, routing="sum", ortho=ortho)
+        snap = Snapshot()
+        d = _driver(world, out, [plug, snap])
+        d.run()
+        mm = d.model
+        assert mm.routing == "sum" and mm.keys.shape[0] == 0  # nothing to route
+        assert plug.added[1]["params"] == plug.added[2]["params"] > 0
+        e1 = {k: v for k, v in snap.after[1].items() if ".e1." in k or k.startswith("adapters.e1")}
+        assert e1 and all(torch.equal(v, snap.after[2][k]) for k, v in e1.items())
+        return float(mm.orthogonality(2).detach())
+
+    assert overlap(50.0, tmp_path / "orth") < 0.5 * overlap(0.0, tmp_path / "plain")

@@ -22,6 +22,19 @@ test examples, and here selections and scores do not depend on the batch (tested
   earlier groups are frozen (detached), later ones are not used yet; each new group starts
   orthogonal to the earlier ones (Gram-Schmidt), as in the paper.
 
+Where the prompts go (``placement``):
+
+- ``input`` (default): prompts are virtual tokens prepended to the input embeddings.
+- ``prefix``: prefix tuning, as the L2P and DualPrompt papers' prefix variant: every
+  prompt is a key and a value prefix of ``length`` positions for the attention of each
+  decoder layer it applies to, handed to the frozen LM as a pre-filled key/value cache
+  (``transformers.DynamicCache``), so any HF causal LM with a cache takes it. L2P and
+  CODA prefix every layer; DualPrompt puts its G-prompt on the first half of the layers
+  and the E-prompt on the second half (the paper: G on layers 1-2, E on 3-5 of 12), so
+  both have one ``length`` (``g_length`` must equal it). Prefixes start as the frozen
+  LM's own keys and values of random tokens. Positions follow the prefix, as after
+  input prompts.
+
 Against collapse (every experience selecting the same few prompts):
 
 - ``diversify`` (L2P's frequency-based diversified selection, training only): the
@@ -51,13 +64,16 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from factlab.continual.query import NameIndex, check_layer, default_layer, frozen_query
 from factlab.errors import FactlabError
+from factlab.model.layers import decoder_layers
 from factlab.model.wrapper import FrozenBackbone
 from factlab.train.plugins import Plugin
 
 KINDS = ("l2p", "dual", "coda")
+PLACEMENTS = ("input", "prefix")
 
 
 def _orthogonal_rows(n: int, dim: int, against: torch.Tensor | None, g: torch.Generator
@@ -86,10 +102,17 @@ class PromptPool(FrozenBackbone):
                  length: int = 5, g_length: int = 5, layer: int | None = None,
                  pool: str = "name", name_ids: list[list[int]] | None = None,
                  diversify: bool = False, masks: str | None = None, experiences: int = 1,
-                 seed: int = 0, backbone_path: str | None = None):
+                 seed: int = 0, placement: str = "input", backbone_path: str | None = None):
         super().__init__(backbone, backbone_path=backbone_path)
         if kind not in KINDS:
             raise FactlabError(f"prompt pool kind {kind!r}: choose one of {', '.join(KINDS)}")
+        if placement not in PLACEMENTS:
+            raise FactlabError(f"prompt placement {placement!r}: choose one of "
+                               f"{', '.join(PLACEMENTS)}")
+        if placement == "prefix" and kind == "dual" and g_length != length:
+            raise FactlabError(f"DualPrompt prefixes: the G-prompt and the E-prompt sit on "
+                               f"different layers of one cache, so g_length ({g_length}) "
+                               f"must equal length ({length})")
         if kind == "dual":
             top = 1
         if size < 1 or length < 0 or g_length < 0 or experiences < 1:
@@ -129,9 +152,23 @@ class PromptPool(FrozenBackbone):
                                 generator=g)
             return emb[idx].reshape(*shape, d).clone()
 
-        self.prompts = nn.Parameter(tokens(size, length))
+        self.placement = placement
+        if placement == "prefix":
+            n_layers = len(decoder_layers(backbone))
+            half = max(1, n_layers // 2)
+            # the layers of the G-prompt and of the pool's prompts
+            self.g_layers = list(range(half)) if kind == "dual" and n_layers > 1 else []
+            self.p_layers = list(range(len(self.g_layers), n_layers))
+            self.n_layers = n_layers
+            self.prompts = nn.Parameter(self._own_kv(tokens(size, length), self.p_layers))
+        else:
+            self.prompts = nn.Parameter(tokens(size, length))
         self.keys = nn.Parameter(torch.randn(size, d, generator=g))
-        if kind == "dual":
+        if kind == "dual" and placement == "prefix" and self.g_layers:
+            self.g_prompt = nn.Parameter(self._own_kv(tokens(1, g_length), self.g_layers)[0])
+        elif kind == "dual" and placement == "prefix":  # one layer: no G-prompt there
+            self.g_prompt = nn.Parameter(torch.zeros(0, 2, g_length, self._kv_width()))
+        elif kind == "dual":
             self.g_prompt = nn.Parameter(tokens(g_length))
         if kind == "coda":
             self.attention = nn.Parameter(torch.ones(size, d))
@@ -148,10 +185,92 @@ class PromptPool(FrozenBackbone):
         dev = next(backbone.parameters()).device
         super()._apply(lambda t: t.to(dev))
 
+    @torch.no_grad()
+    def _own_kv(self, embeds: torch.Tensor, layers: list[int]) -> torch.Tensor:
+        """(n, len(layers), 2, length, kv width): the frozen LM's own keys and values at
+        ``layers`` of the ``n`` token sequences ``embeds`` (n, length, d)."""
+        bb = self.backbone
+        dev = next(bb.parameters()).device
+        n, length, _ = embeds.shape
+        if length == 0:
+            return torch.zeros(n, len(layers), 2, 0, self._kv_width())
+        was = bb.training
+        bb.eval()
+        try:
+            cache = DynamicCache()
+            bb(inputs_embeds=embeds.to(dev, next(bb.parameters()).dtype),
+               **{self._cache_kw(): cache}, use_cache=True)
+        finally:
+            bb.train(was)
+        out = []
+        for li in layers:
+            k, v = cache.layers[li].keys, cache.layers[li].values  # (n, heads, length, hd)
+            out.append(torch.stack([x.transpose(1, 2).reshape(n, length, -1) for x in (k, v)],
+                                   1))
+        return torch.stack(out, 1).float().cpu()
+
+    def _cache_kw(self) -> str:
+        """The name the backbone's forward gives its key/value cache (``cache`` from
+        transformers 5.x, ``past_key_values`` before)."""
+        import inspect
+
+        params = inspect.signature(type(self.backbone).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+
+    def _kv_width(self) -> int:
+        c = self.backbone.config
+        heads = c.num_attention_heads
+        kvh = getattr(c, "num_key_value_heads", None) or heads
+        hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return kvh * hd
+
+    def prefix_cache(self, input_ids, attention_mask=None) -> DynamicCache:
+        """``placement="prefix"``: a key/value cache holding every row's prompt at every
+        layer (sets ``last_pull``, ``last_selected``; counts usage while training)."""
+        B = input_ids.shape[0]
+        q = self.query(input_ids, attention_mask)
+        if self.kind == "coda":
+            a = self._coda_weights(q)
+            P = self.prompts
+            g = self.group(self.experience if self.training else self.experiences)
+            if self.training and g.start > 0:
+                P = torch.cat([P[:g.start].detach(), P[g.start:]])
+            self.last_selected, self.last_pull = a.detach(), None
+            per = torch.einsum("bm,mksld->bksld", a.to(P.dtype), P)  # (B, slots, 2, len, w)
+        else:
+            idx, cos = self._select(q)
+            self.last_selected = idx.detach()
+            self.last_pull = cos.sum(1).mean()
+            if self.training:
+                self.usage[self.experience].index_add_(
+                    0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
+            sel = self.prompts[idx]  # (B, top, slots, 2, len, w)
+            per = sel.permute(0, 2, 3, 1, 4, 5).reshape(B, *sel.shape[2:4], -1, sel.shape[-1])
+        c = self.backbone.config
+        heads = c.num_attention_heads
+        kvh = getattr(c, "num_key_value_heads", None) or heads
+        hd = self._kv_width() // kvh
+        dtype = next(self.backbone.parameters()).dtype
+        layers = []
+        slot = {li: k for k, li in enumerate(self.p_layers)}
+        gslot = {li: k for k, li in enumerate(self.g_layers)}
+        for li in range(self.n_layers):
+            if li in gslot:
+                kv = self.g_prompt[gslot[li]][None].expand(B, -1, -1, -1)
+            else:
+                kv = per[:, slot[li]]
+            k, v = (x.reshape(B, x.shape[1], kvh, hd).transpose(1, 2).to(dtype)
+                    for x in (kv[:, 0], kv[:, 1]))
+            layers.append((k.contiguous(), v.contiguous()))
+        return DynamicCache(ddp_cache_data=layers)
+
     # -------------------------------------------------------------------- selection
     @property
     def n_virtual(self) -> int:
         """Positions prepended to every row."""
+        if self.placement == "prefix":
+            return {"l2p": self.top * self.length, "dual": self.length,
+                    "coda": self.length}[self.kind]
         return {"l2p": self.top * self.length, "dual": self.g_length + self.length,
                 "coda": self.length}[self.kind]
 
@@ -241,11 +360,32 @@ class PromptPool(FrozenBackbone):
         m = torch.cat([attention_mask.new_ones((input_ids.shape[0], P)), attention_mask], 1)
         return x, m, P
 
+    def _prefixed(self, input_ids, attention_mask):
+        """(cache, mask over prefix + input, the input's positions) for ``prefix``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        P = self.n_virtual
+        ctx = getattr(self.backbone.config, "max_position_embeddings", None)
+        if ctx and P + input_ids.shape[1] > ctx:
+            raise FactlabError(f"prompt pool: {P} prefix positions + {input_ids.shape[1]} "
+                               f"input positions exceed the model's context ({ctx}); "
+                               f"shorten the prompts (length, top)")
+        cache = self.prefix_cache(input_ids, attention_mask)
+        m = torch.cat([attention_mask.new_ones((input_ids.shape[0], P)), attention_mask], 1)
+        pos = (m.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
+        return cache, m, pos
+
     def forward(self, input_ids=None, attention_mask=None, **kwargs):
         """The backbone on [prompt; input]: logits of the input's positions only when the
         head computes them all (the loop's loss and the scorer select target positions
-        and skip the prompt's)."""
+        and skip the prompt's). ``prefix``: the input after a key/value prefix."""
         kwargs.pop("position_ids", None)
+        if self.placement == "prefix":
+            cache, m, pos = self._prefixed(input_ids, attention_mask)
+            kwargs.pop("use_cache", None)
+            with self.active():
+                return self.backbone(input_ids=input_ids, attention_mask=m, position_ids=pos,
+                                     **{self._cache_kw(): cache}, use_cache=True, **kwargs)
         x, m, P = self._inputs(input_ids, attention_mask)
         pos = (m.long().cumsum(-1) - 1).clamp(min=0)
         with self.active():
@@ -258,6 +398,15 @@ class PromptPool(FrozenBackbone):
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
         """HF generation from [prompt; input] embeddings; returns input ids + new ids
         (the protocol ``factlab.evaluate.generate`` reads)."""
+        if self.placement == "prefix":
+            cache, m, _ = self._prefixed(input_ids, attention_mask)
+            P = m.shape[1] - input_ids.shape[1]
+            # the cache holds the prefix's P positions: HF reads the ids after them
+            ids = torch.cat([input_ids.new_zeros((input_ids.shape[0], P)), input_ids], 1)
+            with self.active():
+                out = self.backbone.generate(input_ids=ids, attention_mask=m,
+                                             **{self._cache_kw(): cache}, **kwargs)
+            return out[:, P:]
         x, m, _ = self._inputs(input_ids, attention_mask)
         with self.active():
             new = self.backbone.generate(inputs_embeds=x, attention_mask=m, **kwargs)
@@ -293,7 +442,8 @@ class PromptPool(FrozenBackbone):
         return {"kind": self.kind, "size": self.size, "top": self.top, "length": self.length,
                 "g_length": self.g_length, "layer": self.layer, "pool": self.pool,
                 "name_ids": self.name_ids, "diversify": self.diversify, "masks": self.masks,
-                "experiences": self.experiences, "seed": self.seed}
+                "experiences": self.experiences, "seed": self.seed,
+                "placement": self.placement}
 
 
 @torch.no_grad()
@@ -311,7 +461,8 @@ def selections(model: PromptPool, tokenizer, texts: list[str], *, batch_size: in
             for r, e in enumerate(enc):
                 ids[r, :len(e)] = torch.tensor(e)
                 am[r, :len(e)] = 1
-            model.prompt_embeds(ids.to(model.device), am.to(model.device))
+            pick = model.prefix_cache if model.placement == "prefix" else model.prompt_embeds
+            pick(ids.to(model.device), am.to(model.device))
             out.append(model.last_selected.cpu())
     finally:
         model.train(was)
@@ -345,11 +496,13 @@ class PromptLearning(Plugin):
     def __init__(self, *, kind: str = "l2p", size: int = 10, top: int = 5, length: int = 5,
                  g_length: int = 5, layer: int | None = None, pool: str = "name",
                  names: list[str] | None = None, lam: float = 0.1, diversify: bool = False,
-                 masks: str | None = None, experiences: int | None = None, seed: int = 0):
+                 masks: str | None = None, experiences: int | None = None, seed: int = 0,
+                 placement: str = "input"):
         if lam < 0:
             raise FactlabError(f"prompt pool: lam must be >= 0, got {lam}")
         self.kw = dict(kind=kind, size=size, top=top, length=length, g_length=g_length,
-                       layer=layer, pool=pool, diversify=diversify, masks=masks, seed=seed)
+                       layer=layer, pool=pool, diversify=diversify, masks=masks, seed=seed,
+                       placement=placement)
         self.names, self.lam, self.n_exp = names, float(lam), experiences
 
     def setup(self, loop) -> None:

@@ -30,9 +30,14 @@ world, answered by the backbone with no adapter at all.
   (:meth:`RoutedAdapters.set_oracle`, keyed by the prompt's unpadded token ids; a
   teacher-forced row, prompt + answer, is matched by its longest prefix in the table; a
   row matching none is an error). :meth:`RoutedAdapters.forced` makes every row use one
-  given experience.
+  given experience. ``"sum"`` is O-LoRA's (Wang et al. 2023): no router and no keys;
+  every adapter is active for every row (the sum of their updates), in training too, where
+  the earlier ones are frozen; :class:`ExperienceAdapters` ``ortho`` adds the penalty
+  λ Σ_{j<t} ‖A_j A_tᵀ‖²_F over the adapted modules, which pushes experience t's LoRA into
+  a subspace orthogonal to the earlier ones'.
 - **Training** (the wrapper in train mode): only the current experience's adapter is
-  active and requires grad, no routing; the earlier adapters are frozen.
+  active and requires grad, no routing; the earlier adapters are frozen (``sum``: they
+  are active as well, frozen).
 - **Adapted modules** (``modules=``): the attention projections of ``_LORA_TARGETS``
   (``"attention"``), or those and the MLP projections (``"attention+mlp"``, what the
   continual recipe uses: measured on the quickstart's base, attention-only adapters learn
@@ -82,7 +87,7 @@ from factlab.evaluate.score import _pad_id
 from factlab.model.wrapper import FORMAT, MARKER, WEIGHTS, FrozenBackbone
 from factlab.train.plugins import _LORA_TARGETS, Plugin
 
-ROUTINGS = ("hard", "soft", "oracle")
+ROUTINGS = ("hard", "soft", "oracle", "sum")
 KEY_KINDS = ("examples", "mean")
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -262,7 +267,9 @@ class RoutedAdapters(FrozenBackbone):
         """The adapter train mode trains and uses (the others frozen, no routing)."""
         t = self._check_experience(t)
         self.current = t
-        if t:
+        if t and self.routing == "sum":  # every adapter so far in the forward
+            self.backbone.base_model.set_adapter([_adapter(j) for j in range(1, t + 1)])
+        elif t:
             self.backbone.set_adapter(_adapter(t))  # requires_grad on it alone
         for j in range(1, self.n_experiences + 1):
             for p in self.adapters[_adapter(j)].parameters():
@@ -276,6 +283,24 @@ class RoutedAdapters(FrozenBackbone):
 
     def parameter_count(self, t: int) -> int:
         return int(sum(p.numel() for p in self.adapter_parameters(t)))
+
+    def orthogonality(self, t: int) -> torch.Tensor:
+        """O-LoRA's Σ_{j<t} Σ_modules ‖A_j A_tᵀ‖²_F (A: a LoRA's down projection, r x in),
+        differentiable in adapter t only (the earlier ones are frozen)."""
+        t = self._check_experience(t)
+        cur = self.adapters[_adapter(t)] if t else {}
+        total = None
+        for j in range(1, t):
+            old = self.adapters[_adapter(j)]
+            for path, mods in cur.items():
+                a_t = mods["A"].weight
+                a_j = old[path]["A"].weight.detach()
+                term = (a_j.float() @ a_t.float().t()).pow(2).sum()
+                total = term if total is None else total + term
+        if total is None:
+            dev = next(self._hf.parameters()).device
+            return torch.zeros((), device=dev)
+        return total
 
     # ----------------------------------------------------------------------- keys
     def _load_from_state_dict(self, state_dict, prefix, *args, **kw):
@@ -436,7 +461,7 @@ class RoutedAdapters(FrozenBackbone):
         return scale
 
     @contextlib.contextmanager
-    def _soft(self, w: torch.Tensor):
+    def _soft(self, w: torch.Tensor | None):
         every = [_adapter(j) for j in range(1, self.n_experiences + 1)]
         self.backbone.base_model.set_adapter(every, inference_mode=True)
         self._soft_w = w
@@ -451,6 +476,9 @@ class RoutedAdapters(FrozenBackbone):
             base = self.n_experiences and not self.current  # train mode, no adapter
             with self.active(), (self.backbone.disable_adapter() if base else
                                  contextlib.nullcontext()):
+                return fn(**kwargs)
+        if self.routing == "sum" and self._forced is None:
+            with self._soft(None), self.active():  # every adapter, unscaled
                 return fn(**kwargs)
         names, w = self._plan(input_ids, attention_mask)
         if w is not None:
@@ -585,10 +613,14 @@ class ExperienceAdapters(Plugin):
     def __init__(self, base=None, *, r: int = 8, alpha: float | None = None, names=None,
                  pool: str | None = None, layer: int | None = None, keys: str = "examples",
                  routing: str = "hard", temperature: float = 0.05, margin: float = 0.02,
-                 seed: int = 0, modules: str = "attention", batch_size: int = 64):
-        if routing not in ("hard", "soft"):
-            raise FactlabError(f"adapters routing {routing!r}: choose hard or soft (oracle "
-                               f"routing is set on the model with its table)")
+                 seed: int = 0, modules: str = "attention", batch_size: int = 64,
+                 ortho: float = 0.0):
+        if routing not in ("hard", "soft", "sum"):
+            raise FactlabError(f"adapters routing {routing!r}: choose hard, soft or sum "
+                               f"(oracle routing is set on the model with its table)")
+        if not ortho >= 0:
+            raise FactlabError(f"adapters: ortho (O-LoRA's λ) must be >= 0, got {ortho}")
+        self.ortho = float(ortho)
         if keys not in KEY_KINDS:
             raise FactlabError(f"router keys {keys!r}: choose one of {', '.join(KEY_KINDS)}")
         pool = pool or ("name" if names else "mean")
@@ -634,7 +666,9 @@ class ExperienceAdapters(Plugin):
             self.added.setdefault(t, {"params": m.parameter_count(t), "keys": 0})
 
     def _keys(self, loop, m: RoutedAdapters, t: int, data) -> None:
-        if data is None or t in m.keyed():
+        if data is None or t in m.keyed() or m.routing == "sum":  # sum: nothing to route
+            if m.routing == "sum" and t:
+                self.added.setdefault(t, {"params": m.parameter_count(t), "keys": 0})
             return
         seq_len = getattr(getattr(loop, "stream", None), "seq_len", None)
         n = m.add_keys(t, m.queries(example_sequences(data, seq_len), self.batch_size))
@@ -683,6 +717,13 @@ class ExperienceAdapters(Plugin):
             # setup (done + 1 would be past the end) did not create
             self._expand(m, t)
         return m.adapter_parameters(t)
+
+    def extra_loss(self, loop, batch: dict, out):
+        """O-LoRA's orthogonality penalty (``ortho`` > 0) on the experience training now."""
+        m = loop.model
+        if not self.ortho or not isinstance(m, RoutedAdapters) or m.current < 2:
+            return None
+        return self.ortho * m.orthogonality(m.current)
 
     def state_dict(self) -> dict:
         rows = [[t, a["params"], a["keys"]] for t, a in sorted(self.added.items())]

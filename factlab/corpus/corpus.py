@@ -144,6 +144,39 @@ class Corpus:
         is shared."""
         return Corpus(world, self.render, self.templates, dict(self._cache))
 
+    def with_attributes(self, names, templates: str | None = None) -> Corpus:
+        """The same corpus with attributes ``names`` added (no entity has them yet): the
+        world's columns, the templates (``templates``: a user's YAML laid over the
+        shipped or generic ones; attributes it does not name get generic templates) and
+        the documents rendered so far (all of them are rendered first), whose spans gain
+        empty columns. No text, fact or canonical question of the corpus so far changes;
+        the one held-out paraphrase drawn per (person, attribute) is drawn anew over the
+        wider table."""
+        from factlab.world.cohorts import add_attributes
+
+        world = add_attributes(self.world, names)
+        if world is self.world:
+            return self
+        # render what exists now, so that its text never depends on a later extension
+        self.bios()
+        for t in self.experiences:
+            if (self.arrival == t).any():
+                self.cohort_bios(t)
+            if (self.world.updates.experience == t).any():
+                self.update_bios(t)
+        render = self.render
+        data = self.templates.to_dict()
+        if templates:
+            from factlab.config import load_yaml
+
+            for a, entry in load_yaml(templates).items():
+                if a not in self.world.attributes:
+                    data[a] = entry
+        tset = TemplateSet.from_dict(data, templates or "templates", world.attributes)
+        cache = {k: (v.with_attributes(world.attributes) if isinstance(v, Docs) else v)
+                 for k, v in self._cache.items()}
+        return Corpus(world, render, tset, cache)
+
     def add_cohort(self, n: int, experience: int, seed: int, *,
                    test_fraction: float | None = None) -> Corpus:
         return self.with_world(add_cohort(self.world, n, experience, seed,

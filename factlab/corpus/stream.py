@@ -47,7 +47,9 @@ class StreamConfig(Strict):
     """``order`` lists the experiences' kinds (default: ``cohorts`` cohorts, then one
     update batch when ``updates`` > 0); ``updates`` is the fraction of the base world's
     people in ``who`` whose ``attribute`` changes in each update experience (people are
-    never updated twice in one stream)."""
+    never updated twice in one stream). ``facts`` are fact files, one experience each,
+    after those: entities, attributes and values of their own (a user's facts after a
+    biography world), read by :func:`add_fact_file` with ``facts_templates``."""
 
     cohorts: int = Field(2, ge=0)
     people: int = Field(100, description="people per cohort")
@@ -55,6 +57,8 @@ class StreamConfig(Strict):
     attribute: str = "employer"
     who: Literal["train", "test", "both"] = "both"
     order: list[Literal["cohort", "update"]] | None = None
+    facts: list[str] = []
+    facts_templates: str | None = None
     seed: int = 0
 
     def kinds(self) -> list[str]:
@@ -67,8 +71,11 @@ def make_stream(corpus, cfg: StreamConfig):
     """The base ``corpus`` (a world with no experiences yet) extended by the experiences
     of ``cfg``; ``corpus`` itself is not changed."""
     kinds = cfg.kinds()
-    if not kinds:
-        raise FactlabError("stream: no experiences (cohorts=0 and updates=0)")
+    if not kinds and not cfg.facts:
+        raise FactlabError("stream: no experiences (cohorts=0, updates=0 and no fact files)")
+    for f in cfg.facts + ([cfg.facts_templates] if cfg.facts_templates else []):
+        if not Path(f).is_file():
+            raise FactlabError(f"stream: {f}: no such file")
     if corpus.experiences:
         raise FactlabError(f"stream: the base world already has experiences "
                            f"{corpus.experiences}; start from a base world")
@@ -101,22 +108,17 @@ def make_stream(corpus, cfg: StreamConfig):
             who = np.sort(order[u * per:(u + 1) * per])
             corpus = corpus.update_facts(who, cfg.attribute, experience=t, seed=cfg.seed)
             u += 1
+    for t, f in enumerate(cfg.facts, start=len(kinds) + 1):
+        corpus = add_fact_file(corpus, f, t, seed=cfg.seed, templates=cfg.facts_templates)
     return corpus
 
 
 def make_user_stream(files, *, templates=None, seed: int = 0, unknown: int = 50,
                      test_fraction: float = 0.5):
     """A stream from a user's fact files (CSV / JSONL: entity, attribute, value), one per
-    experience: the first is the base world; in each later one an entity not seen before
-    arrives (a cohort), an entity-attribute that reappears with another value is an
-    update, one that appears for the first time is a new fact, and a restated fact is
-    ignored. Every attribute must appear in the first file; values first seen later are
-    appended to the pools, so no code moves."""
+    experience: the first is the base world, each later one is added by
+    :func:`add_fact_file`."""
     from factlab.corpus import CorpusConfig, make_corpus
-    from factlab.world.cohorts import add_entities, extend_pools
-    from factlab.world.facts import read_facts
-    from factlab.world.people import Table
-    from factlab.world.versions import set_values
 
     files = [Path(f) for f in files]
     if len(files) < 2:
@@ -124,50 +126,60 @@ def make_user_stream(files, *, templates=None, seed: int = 0, unknown: int = 50,
                            "experience)")
     corpus = make_corpus(CorpusConfig(facts=str(files[0]), templates=templates, seed=seed,
                                       unknown=unknown, test_fraction=test_fraction))
-    attrs = corpus.attributes
-    later = [read_facts(f) for f in files[1:]]
-    extra: dict[int, list[str]] = {}
-    for f, (_, at, facts) in zip(files[1:], later):
-        bad = [a for a in at if a not in attrs]
-        if bad:
-            raise FactlabError(f"{f}: attribute {bad[0]!r} is not in the first file "
-                               f"{files[0].name} (attributes: {', '.join(attrs)})")
-        for (_, a), v in facts.items():
-            extra.setdefault(attrs.index(a), []).append(v)
-    corpus = corpus.with_world(extend_pools(corpus.world, extra))
-    unknown_names = set(corpus.world.unknown.names)
-    for t, (f, (ents, _, facts)) in enumerate(zip(files[1:], later), start=1):
-        w = corpus.world
-        index = {n: i for i, n in enumerate(w.people.names)}
-        pools = w.people.pools
-        code = [{v: c for c, v in enumerate(p)} for p in pools]
-        clash = [e for e in ents if e in unknown_names]
-        if clash:
-            raise FactlabError(f"{f}: {clash[0]!r} is one of the stream's unknown people; "
-                               f"rename it")
-        new = [e for e in ents if e not in index]
-        changes: dict[int, list[tuple[int, int]]] = {}
-        now = w.codes_at(t - 1)
-        for (e, a), v in facts.items():
-            if e in index:
-                ai, c = attrs.index(a), code[attrs.index(a)][v]
-                if now[index[e], ai] != c:
-                    changes.setdefault(ai, []).append((index[e], c))
-        if not new and not changes:
-            raise FactlabError(f"{f}: adds nothing (every fact in it is already known)")
-        if new:
-            codes = np.full((len(new), len(attrs)), -1, np.int32)
-            for k, e in enumerate(new):
-                for a, attr in enumerate(attrs):
-                    v = facts.get((e, attr))
-                    if v is not None:
-                        codes[k, a] = code[a][v]
-            tab = Table(new, np.full(len(new), -1, np.int8), attrs, codes, pools)
-            w = add_entities(w, tab, t, seed)
-        for ai, rows in changes.items():
-            w = set_values(w, [r[0] for r in rows], attrs[ai], [r[1] for r in rows], t)
-        corpus = corpus.with_world(w)
+    for t, f in enumerate(files[1:], start=1):
+        corpus = add_fact_file(corpus, f, t, seed=seed, templates=templates)
     return corpus
+
+
+def add_fact_file(corpus, path, t: int, *, seed: int = 0, templates=None):
+    """``corpus`` with experience ``t`` read from a fact file (CSV / JSONL: entity,
+    attribute, value): an entity not seen before arrives (a cohort), an entity-attribute
+    that reappears with another value is an update, one that appears for the first time is
+    a new fact, and a restated fact is ignored. An attribute the world lacks is added (a
+    new kind of fact, e.g. a user's facts after a biography world: the experience is then
+    separable from the others by its inputs), with ``templates`` (YAML) or generic ones;
+    values first seen here are appended to the pools, so no code moves."""
+    from factlab.world.cohorts import add_entities, extend_pools
+    from factlab.world.facts import read_facts
+    from factlab.world.people import Table
+    from factlab.world.versions import set_values
+
+    path = Path(path)
+    ents, at, facts = read_facts(path)
+    corpus = corpus.with_attributes([a for a in at if a not in corpus.attributes], templates)
+    attrs = corpus.attributes
+    extra: dict[int, list[str]] = {}
+    for (_, a), v in facts.items():
+        extra.setdefault(attrs.index(a), []).append(v)
+    w = extend_pools(corpus.world, extra)
+    clash = [e for e in ents if e in set(w.unknown.names)]
+    if clash:
+        raise FactlabError(f"{path}: {clash[0]!r} is one of the stream's unknown people; "
+                           f"rename it")
+    index = {n: i for i, n in enumerate(w.people.names)}
+    code = [{v: c for c, v in enumerate(p)} for p in w.people.pools]
+    new = [e for e in ents if e not in index]
+    changes: dict[int, list[tuple[int, int]]] = {}
+    now = w.codes_at(t - 1)
+    for (e, a), v in facts.items():
+        if e in index:
+            ai, c = attrs.index(a), code[attrs.index(a)][v]
+            if now[index[e], ai] != c:
+                changes.setdefault(ai, []).append((index[e], c))
+    if not new and not changes:
+        raise FactlabError(f"{path}: adds nothing (every fact in it is already known)")
+    if new:
+        codes = np.full((len(new), len(attrs)), -1, np.int32)
+        for k, e in enumerate(new):
+            for a, attr in enumerate(attrs):
+                v = facts.get((e, attr))
+                if v is not None:
+                    codes[k, a] = code[a][v]
+        tab = Table(new, np.full(len(new), -1, np.int8), attrs, codes, w.people.pools)
+        w = add_entities(w, tab, t, seed)
+    for ai, rows in changes.items():
+        w = set_values(w, [r[0] for r in rows], attrs[ai], [r[1] for r in rows], t)
+    return corpus.with_world(w)
 
 
 def base_only(corpus):

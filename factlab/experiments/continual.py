@@ -17,8 +17,10 @@ drawn equally often, for T x steps: the upper bound), ``cumulative`` (experience
 retrains on everything so far), ``replay`` (full replay of earlier data), ``reservoir``
 (a reservoir buffer), ``generative`` (generative replay), ``ewc``, ``online_ewc``,
 ``lwf``, the prompt pools ``l2p``, ``dualprompt`` and ``coda`` over the frozen model
-(``factlab.continual.prompts``), and ``adapters`` / ``adapters_soft`` (one LoRA adapter
-per experience, routed per example: ``factlab.continual.router``). Every method trains ``steps``
+(``factlab.continual.prompts``; ``l2p_prefix`` and ``dualprompt_prefix`` as key/value
+prefixes of every layer), ``adapters`` / ``adapters_soft`` (one LoRA adapter
+per experience, routed per example: ``factlab.continual.router``) and ``olora`` (the
+same adapters summed, no router, each new one orthogonal to the earlier: O-LoRA). Every method trains ``steps``
 optimizer steps of ``batch_size`` rows per experience (joint: T x steps at once).
 """
 
@@ -37,10 +39,12 @@ from factlab.errors import FactlabError
 from factlab.io import atomic_write_text
 
 METHODS = ("sequential", "lora", "joint", "cumulative", "replay", "reservoir", "generative",
-           "ewc", "online_ewc", "lwf", "l2p", "dualprompt", "coda", "adapters",
-           "adapters_soft")
-PROMPT_METHODS = {"l2p": "l2p", "dualprompt": "dual", "coda": "coda"}
-ROUTER_METHODS = {"adapters": "hard", "adapters_soft": "soft"}
+           "ewc", "online_ewc", "lwf", "l2p", "dualprompt", "coda", "l2p_prefix",
+           "dualprompt_prefix", "adapters", "adapters_soft", "olora")
+PROMPT_METHODS = {"l2p": "l2p", "dualprompt": "dual", "coda": "coda", "l2p_prefix": "l2p",
+                  "dualprompt_prefix": "dual"}
+PREFIX_METHODS = ("l2p_prefix", "dualprompt_prefix")  # key/value prefixes, every layer
+ROUTER_METHODS = {"adapters": "hard", "adapters_soft": "soft", "olora": "sum"}
 
 
 class ReplaySettings(Strict):
@@ -72,7 +76,9 @@ class GenerativeSettings(Strict):
 class PromptSettings(Strict):
     """The prompt pools (``factlab.continual.prompts``) of ``l2p``, ``dualprompt`` (top-1
     E-prompt, trained by experience: disjoint masks always) and ``coda`` (``size``
-    components split among the experiences)."""
+    components split among the experiences); ``l2p_prefix`` and ``dualprompt_prefix`` are
+    the same pools as key/value prefixes of the attention (DualPrompt: G on the first half
+    of the layers, E on the second; ``g_length`` is taken equal to ``length``)."""
 
     size: int = Field(10, ge=1, description="prompts (CODA: components) in the pool")
     top: int = Field(5, ge=1, description="L2P: prompts selected per row")
@@ -90,7 +96,9 @@ class PromptSettings(Strict):
 
 class AdapterSettings(Strict):
     """``adapters`` / ``adapters_soft`` (``factlab.continual.router``): one LoRA adapter
-    per experience, routed per example from the frozen LM's query."""
+    per experience, routed per example from the frozen LM's query; ``olora``: the same
+    adapters all summed, no router, each new one pulled orthogonal to the earlier ones
+    (``ortho``, O-LoRA's λ1; its paper uses 0.5)."""
 
     r: int = Field(8, ge=1)
     keys: Literal["examples", "mean"] = Field("examples", description="every training "
@@ -102,6 +110,7 @@ class AdapterSettings(Strict):
     margin: float = Field(0.02, ge=0, description="latest experience within this cosine "
                           "of the best wins")
     temperature: float = Field(0.05, gt=0, description="soft routing's softmax temperature")
+    ortho: float = Field(0.5, ge=0, description="olora: weight of Σ ‖A_j A_tᵀ‖²")
     lr: float = Field(1e-2, gt=0)
 
 
@@ -223,12 +232,14 @@ def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_at
         p = cfg.prompts
         kind = PROMPT_METHODS[method]
         return [PromptLearning(kind=kind, size=p.size, top=p.top, length=p.length,
-                               g_length=p.g_length, layer=p.layer, pool=p.pool,
+                               g_length=p.length if method in PREFIX_METHODS else p.g_length,
+                               layer=p.layer, pool=p.pool,
                                names=names if p.pool == "name" else None, lam=p.lam,
                                diversify=p.diversify and kind == "l2p",
                                masks="disjoint" if kind == "dual" or (
                                    kind == "l2p" and p.masks == "disjoint") else None,
-                               seed=cfg.seed)]
+                               seed=cfg.seed,
+                               placement="prefix" if method in PREFIX_METHODS else "input")]
     if method in ROUTER_METHODS:
         from factlab.continual.router import ExperienceAdapters
 
@@ -236,7 +247,8 @@ def method_plugins(method: str, cfg: ContinualSettings, base_data, updated, n_at
         return [ExperienceAdapters(base_data, r=a.r, names=names if a.pool == "name" else None,
                                    pool=a.pool, layer=a.layer, keys=a.keys,
                                    routing=ROUTER_METHODS[method], temperature=a.temperature,
-                                   margin=a.margin, modules=a.modules, seed=cfg.seed)]
+                                   margin=a.margin, modules=a.modules, seed=cfg.seed,
+                                   ortho=a.ortho if method == "olora" else 0.0)]
     r, e = cfg.replay, cfg.ewc
     size = int(r.size) if r.size >= 1 else float(r.size)
     return {
@@ -468,7 +480,7 @@ def run_method(method: str, cfg: ContinualSettings, stream_dir: Path, model_dir:
            "select": chosen}
     if method in PROMPT_METHODS:
         res["prompts"] = prompt_report(drv.model, tok, rows[T])
-    if method in ROUTER_METHODS:
+    if method in ROUTER_METHODS and ROUTER_METHODS[method] != "sum":  # olora routes nothing
         res["routing"] = routing_report(drv.model, tok, rows[T], cfg)
     atomic_write_text(done, json.dumps(res, indent=1) + "\n")
     return res
@@ -499,8 +511,10 @@ def _seq_len(data, model) -> int:
 
 
 def prompt_positions(method: str, p: PromptSettings) -> int:
+    """Positions a method's prompts add to every row (input prompts or a prefix)."""
     return {"l2p": p.top * p.length, "dualprompt": p.g_length + p.length,
-            "coda": p.length}[method]
+            "coda": p.length, "l2p_prefix": p.top * p.length,
+            "dualprompt_prefix": p.length}[method]
 
 
 def _check_prompt_fit(method: str, cfg: ContinualSettings, seq_len: int, model) -> None:
@@ -585,6 +599,9 @@ def routing_report(model, tok, records: list[dict], cfg: ContinualSettings) -> d
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
     return {"routing_accuracy": mean(hit), "routing_accuracy_by_label": by_label(hit),
             "routing_accuracy_known": mean([h for h, k in zip(hit, known) if k]),
+            "routing_accuracy_by_experience": {
+                str(e): mean([h for h, t, k in zip(hit, true, known) if k and t == e])
+                for e in sorted({t for t, k in zip(true, known) if k})},
             "routed_to": {str(e): got.count(e) for e in sorted(set(got))},
             "misrouted": [{"question": r["question"], "label": r["label"], "true": t,
                            "routed": g} for r, g, t in zip(records, got, true)
@@ -627,7 +644,8 @@ def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
             m = drv.model
             depth = len(decoder_layers(m.backbone))
             c.update(extra_forward_per_row=(m.layer + 1) / depth,
-                     prompt_positions=m.n_virtual, pool_params=int(n_train))
+                     prompt_positions=m.n_virtual, pool_params=int(n_train),
+                     prompt_placement=m.placement)
             if m.kind == "coda":  # each experience adds its own components
                 c["added_params_per_experience"] = int(n_train // m.experiences)
         if isinstance(p, ExperienceAdapters):
@@ -635,8 +653,8 @@ def _cost(method, cfg, drv, plugins, data, n_train, n_attr, T) -> dict:
             c.update(added_params_per_experience=int(added[-1]) if added else 0,
                      adapters=len(added), adapter_params_total=int(sum(added)),
                      router_keys=int(sum(a["keys"] for a in p.added.values())),
-                     extra_forward_per_row=(drv.model.layer + 1) / len(
-                         decoder_layers(drv.model.backbone)))
+                     extra_forward_per_row=0.0 if drv.model.routing == "sum" else
+                     (drv.model.layer + 1) / len(decoder_layers(drv.model.backbone)))
         if isinstance(p, Replay):
             st = p.buffer_stats
             c.update(buffer_examples=st.get("examples", 0), buffer_tokens=st.get("tokens", 0),

@@ -217,15 +217,18 @@ def routing_lines(ms: list[dict]) -> list[str]:
     labs = ("invariant", "updated", "new", "unknown")
     lines = ["## Per-experience adapters: does the router find the right one?", "",
              "| method | routing accuracy (known people) | by label: " + " / ".join(labs) +
-             " | exact match, learned router | with an oracle router | oracle by label: "
-             + " / ".join(labs[:3]) + " | adapters (params added per experience) |",
-             "|---|---|---|---|---|---|---|"]
+             " | by true experience (0 = base) | exact match, learned router | with an "
+             "oracle router | oracle by label: " + " / ".join(labs[:3]) +
+             " | adapters (params added per experience) |",
+             "|---|---|---|---|---|---|---|---|"]
     for m in rs:
         r, c = m["routing"], m["cost"]
         bl = r["routing_accuracy_by_label"]
         ob = r["exact_match_oracle_by_label"]
+        be = r.get("routing_accuracy_by_experience") or {}
         lines.append(f"| {m['method']} | {_p(r['routing_accuracy_known'])} | "
-                     + " / ".join(_p(bl.get(k)) for k in labs) + f" | "
+                     + " / ".join(_p(bl.get(k)) for k in labs) + " | "
+                     + (" / ".join(f"{e}: {_p(v)}" for e, v in be.items()) or "–") + " | "
                      f"{_p(r['exact_match_router'])} | {_p(r['exact_match_oracle'])} | "
                      + " / ".join(_p(ob.get(k)) for k in labs[:3]) +
                      f" | {c.get('adapters', '–')} ({c.get('added_params_per_experience', 0):,}) |")

@@ -104,6 +104,19 @@ class Docs:
             name = f'"name":{jstr(names[p])},' if names is not None else ""
             yield f'{{"id":{d},"person":{p},{name}"entry":{e},"text":{jstr(t)},"spans":{{{sp}}}}}'
 
+    def with_attributes(self, attributes) -> Docs:
+        """The same documents over a longer attribute list (``self.attributes`` first, in
+        order): the added attributes are stated nowhere (span -1, -1)."""
+        attributes = tuple(attributes)
+        if attributes == self.attributes:
+            return self
+        if attributes[:len(self.attributes)] != self.attributes:
+            raise ValueError(f"attributes {attributes} do not extend {self.attributes}")
+        pad = np.full((len(self), len(attributes) - len(self.attributes), 2), -1, np.int32)
+        return Docs(self.text, self.person, self.entry,
+                    np.concatenate([self.spans.reshape(len(self), -1, 2), pad], axis=1),
+                    attributes)
+
     @staticmethod
     def concat(parts: list[Docs]) -> Docs:
         parts = [p for p in parts if len(p)] or parts[:1]

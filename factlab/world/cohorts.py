@@ -144,3 +144,25 @@ def extend_pools(world, values: dict[int, list[str]]):
     return dataclasses.replace(
         world, people=Table(p.names, p.pronoun, p.attributes, p.codes, pools),
         unknown=Table(u.names, u.pronoun, u.attributes, u.codes, pools))
+
+
+def add_attributes(world, names):
+    """A new world that also has attributes ``names`` (appended, empty pools; every
+    existing entity has no value for them, code -1): a later experience of a stream that
+    brings facts of another kind (a user's fact file after a biography world). Values
+    come with :func:`extend_pools`; no existing code moves."""
+    names = [n for n in names if n not in world.attributes]
+    if not names:
+        return world
+    dup = [n for n in set(names) if names.count(n) > 1]
+    if dup:
+        raise FactlabError(f"add_attributes: {dup[0]!r} is given twice")
+    attrs = tuple(world.attributes) + tuple(names)
+    pools = tuple(list(p) for p in world.people.pools) + tuple([] for _ in names)
+
+    def widen(t: Table) -> Table:
+        codes = np.concatenate([t.codes, np.full((len(t), len(names)), -1, np.int32)], axis=1)
+        return Table(t.names, t.pronoun, attrs, codes, pools)
+
+    return dataclasses.replace(world, people=widen(world.people),
+                               unknown=widen(world.unknown))
