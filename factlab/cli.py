@@ -605,6 +605,11 @@ def _quiet_hf() -> None:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # one progress display per stage, factlab's own: Hugging Face's per-save "Writing
+    # model shards" and per-load "Loading weights" bars would interleave with it on every
+    # checkpoint. The environment carries this into spawned workers (parallel cells and
+    # methods), which never run this function (HF_HUB_DISABLE_PROGRESS_BARS=0 shows them)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=UserWarning)
     try:
         from transformers.utils import logging as hf_logging
@@ -616,6 +621,7 @@ def _quiet_hf() -> None:
 
 
 def main() -> None:
+    _quiet_hf()  # every command (the ones that spawn workers call it again: harmless)
     try:
         rv = app(standalone_mode=False)
     except FactlabError as e:

@@ -23,7 +23,7 @@ class Bias(FrozenBackbone):
         self.add_hook(backbone.get_output_embeddings(), lambda m, a, o: None)
 
 
-def test_evaluate_any_saved_model(tmp_path):
+def test_evaluate_any_saved_model(tmp_path, capfd):
     world = make(people=20, seed=2, unknown=0)
     save_world(world, tmp_path / "world")
     tok = world_tokenizer(world, 400)
@@ -32,8 +32,21 @@ def test_evaluate_any_saved_model(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     tok.save_pretrained(tmp_path / "hf")
     out = tmp_path / "preds"
+    capfd.readouterr()
     assert cli("evaluate", tmp_path / "hf", "--world", tmp_path / "world", "--split", "all",
                "--out", out) == 0
+    # one progress display: Hugging Face's "Loading weights" bar is not interleaved, in
+    # this process or in a worker it spawns (which inherits the environment)
+    assert "Loading weights" not in capfd.readouterr().err
+    import os
+    import subprocess
+    import sys
+
+    child = subprocess.run([sys.executable, "-c", "import sys; from transformers import "
+                            "AutoModelForCausalLM as M; M.from_pretrained(sys.argv[1])",
+                            str(tmp_path / "hf")], env=dict(os.environ), capture_output=True,
+                           text=True, timeout=300)
+    assert child.returncode == 0 and "Loading weights" not in child.stderr, child.stderr
     recs = {s: [json.loads(x) for x in open(out / f"predictions_{s}.jsonl")]
             for s in ("id", "ood", "paraphrase")}
     assert len(recs["id"]) == 6 * len(world.train_ids) and len(recs["ood"]) == 6 * len(world.test_ids)
