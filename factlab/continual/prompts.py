@@ -228,24 +228,12 @@ class PromptPool(FrozenBackbone):
         """``placement="prefix"``: a key/value cache holding every row's prompt at every
         layer (sets ``last_pull``, ``last_selected``; counts usage while training)."""
         B = input_ids.shape[0]
-        q = self.query(input_ids, attention_mask)
+        sel, P = self._pick(self.query(input_ids, attention_mask))
         if self.kind == "coda":
-            a = self._coda_weights(q)
-            P = self.prompts
-            g = self.group(self.experience if self.training else self.experiences)
-            if self.training and g.start > 0:
-                P = torch.cat([P[:g.start].detach(), P[g.start:]])
-            self.last_selected, self.last_pull = a.detach(), None
-            per = torch.einsum("bm,mksld->bksld", a.to(P.dtype), P)  # (B, slots, 2, len, w)
+            per = torch.einsum("bm,mksld->bksld", sel.to(P.dtype), P)  # (B, slots, 2, len, w)
         else:
-            idx, cos = self._select(q)
-            self.last_selected = idx.detach()
-            self.last_pull = cos.sum(1).mean()
-            if self.training:
-                self.usage[self.experience].index_add_(
-                    0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
-            sel = self.prompts[idx]  # (B, top, slots, 2, len, w)
-            per = sel.permute(0, 2, 3, 1, 4, 5).reshape(B, *sel.shape[2:4], -1, sel.shape[-1])
+            x = P[sel]  # (B, top, slots, 2, len, w)
+            per = x.permute(0, 2, 3, 1, 4, 5).reshape(B, *x.shape[2:4], -1, x.shape[-1])
         c = self.backbone.config
         heads = c.num_attention_heads
         kvh = getattr(c, "num_key_value_heads", None) or heads
@@ -320,11 +308,11 @@ class PromptPool(FrozenBackbone):
         live[:g.stop] = True
         return a * live[None]
 
-    def prompt_embeds(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """(B, n_virtual, d) the prompt of every row (sets ``last_pull`` and
-        ``last_selected``; counts usage while training)."""
-        q = self.query(input_ids, attention_mask)
-        B, d = q.shape[0], self.backbone.config.hidden_size
+    def _pick(self, q: torch.Tensor):
+        """Every row's selection and the prompts it reads: CODA's α (B, size) with the
+        components (earlier experiences' detached while training), else the prompt ids
+        (B, top) with the pool. Sets ``last_selected`` and ``last_pull``; counts usage
+        while training."""
         if self.kind == "coda":
             a = self._coda_weights(q)
             P = self.prompts
@@ -332,14 +320,24 @@ class PromptPool(FrozenBackbone):
             if self.training and g.start > 0:
                 P = torch.cat([P[:g.start].detach(), P[g.start:]])
             self.last_selected, self.last_pull = a.detach(), None
-            return torch.einsum("bm,mld->bld", a.to(P.dtype), P)
+            return a, P
         idx, cos = self._select(q)
         self.last_selected = idx.detach()
         self.last_pull = cos.sum(1).mean()
         if self.training:
             self.usage[self.experience].index_add_(
                 0, idx.reshape(-1), torch.ones(idx.numel(), device=idx.device))
-        e = self.prompts[idx].reshape(B, self.top * self.length, d)
+        return idx, self.prompts
+
+    def prompt_embeds(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(B, n_virtual, d) the prompt of every row (sets ``last_pull`` and
+        ``last_selected``; counts usage while training)."""
+        q = self.query(input_ids, attention_mask)
+        B, d = q.shape[0], self.backbone.config.hidden_size
+        sel, P = self._pick(q)
+        if self.kind == "coda":
+            return torch.einsum("bm,mld->bld", sel.to(P.dtype), P)
+        e = P[sel].reshape(B, self.top * self.length, d)
         if self.kind == "dual":
             e = torch.cat([self.g_prompt[None].expand(B, -1, -1), e], 1)
         return e
