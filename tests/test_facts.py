@@ -61,7 +61,8 @@ def test_user_templates_are_used(tmp_path):
                    "  question: 'In which city is {name}?'\n"
                    "  paraphrases: ['Where is {name} located?']\n")
     w = make(facts=str(f), templates=str(tpl))
-    assert "Eiffel Tower stands in Paris." in w.bios().text[0]
+    t0 = w.bios().text[0]  # single: the name in the first sentence, "it" after it
+    assert "Eiffel Tower stands in Paris." in t0 or t0.endswith(" It stands in Paris."), t0
     assert "In which city is Big Ben?" in w.qa().question
     tpl.write_text("colour:\n  sentences: ['{name} is {value}.']\n")
     with pytest.raises(FactlabError, match="unknown attribute 'colour'"):
@@ -115,3 +116,66 @@ def test_fact_world_round_trips_through_disk(tmp_path):
     assert (back.bios().spans == w.bios().spans).all()
     assert back.qa().question == w.qa().question and (back.split == w.split).all()
     assert np.array_equal(back.people.pronoun, w.people.pronoun)
+
+
+AWKWARD = ["moons", "surveyed by", "born in", "home port", "CEO", "number_of_employees",
+           "is member of", "located in", "founded", "Launch Year", "alias", "parents",
+           "status", "has_part", "melting point", "genres", "was born in", "had owner",
+           "x", "Main-Sponsor", "the_1st_ascent_by"]
+
+
+@pytest.mark.parametrize("pronoun", [-1, 0, 2, 3])
+def test_generic_templates_name_the_entity_once_and_state_the_value(pronoun):
+    """Every generic sentence of every awkward attribute name, rendered for an entity
+    referred to by name, by "he", "they" or "it", is one sentence that names the entity
+    once (no "X has V as X's A") and states the value once; questions name it once."""
+    from factlab.text.templates import (FULL, NAME, NAME_FIRST, NAME_POSS, PRON, VALUE,
+                                        check_question, check_sentence, compile_sentence,
+                                        generic_entry)
+
+    name, value = "Dordorka-3", "Tenten Loquipel"
+    for attr in AWKWARD:
+        e = generic_entry(attr)
+        for i, t in enumerate(e["sentences"]):
+            check_sentence(t, attr)
+            for kind in (NAME_FIRST, PRON, FULL):
+                parts = compile_sentence(t, kind, pronoun)
+                text = "".join(name if x == NAME else name + "'s" if x == NAME_POSS else
+                               value if x == VALUE else x for x in parts)
+                names = sum(x in (NAME, NAME_POSS) for x in parts)
+                assert names == (1 if kind != PRON or pronoun < 0 else 0), (attr, text)
+                assert text.count(value) == 1 and text.endswith(".") and text[0].isupper()
+                assert "  " not in text and "'s " + attr not in text, (attr, text)
+                for word in ("he", "she", "it", "they"):  # a pronoun is only a subject
+                    assert f"of {word} " not in text and f"for {word}," not in text.lower()
+        for q in [e["question"]] + e["paraphrases"]:
+            check_question(q, attr)
+            assert q.endswith("?") and q.count("{name}") == 1
+    assert generic_entry("moons")["question"] == "What are the moons of {name}?"
+    assert generic_entry("surveyed by")["sentences"][0] == "{subj} [was|were] surveyed by {value}."
+    assert generic_entry("home port")["question"] == "What is the home port of {name}?"
+
+
+def test_single_bios_of_a_fact_file_refer_by_pronoun_after_the_first_sentence(tmp_path):
+    """``single`` is not ``fullname``: a fact file's entity is named once per bio, then "it"
+    (or the pronoun its ``pronoun`` row gives); a bad pronoun is one clear error."""
+    rows = [("Eiffel Tower", "height", "330 metres"), ("Eiffel Tower", "city", "Paris"),
+            ("Eiffel Tower", "surveyed by", "Gustave Eiffel"),
+            ("Marie Curie", "birth city", "Warsaw"), ("Marie Curie", "moons", "none"),
+            ("Marie Curie", "pronoun", "she")]
+    f = write_csv(tmp_path / "f.csv", rows)
+    pron: dict = {}
+    ents, attrs, facts = read_facts(f, pronouns=pron)
+    assert pron == {"Marie Curie": "she"} and "pronoun" not in attrs and len(facts) == 5
+    w = make(facts=str(f), augment="single", unknown=2)
+    for d, text in enumerate(w.bios().text):
+        name = w.people.names[int(w.bios().person[d])]
+        assert text.count(name) == 1, text
+        later = text.split(". ", 1)[1].lower().replace(",", " ").replace(".", " ").split()
+        assert ("it" if name == "Eiffel Tower" else "she") in later, text
+    assert "What was Eiffel Tower surveyed by?" in w.qa().question
+    assert "What are the moons of Marie Curie?" in w.qa().question
+    bad = write_csv(tmp_path / "b.csv", rows[:3] + [("Marie Curie", "pronoun", "xe"),
+                                                    ("Marie Curie", "city", "Paris")])
+    with pytest.raises(FactlabError, match=r"b.csv:5: pronoun 'xe' of 'Marie Curie'"):
+        read_facts(bad)

@@ -39,3 +39,19 @@ def test_parser_reads_made_up_text(parser):
     assert any(f.attribute == "employer" and f.value == "Nonexistent Widgets Inc" and
                not f.in_pool for f in facts)
     assert unread >= 1
+
+
+@pytest.mark.parametrize("augment", ["single", "multi2+permute"])
+def test_parser_recovers_every_fact_of_a_fact_file_world(augment):
+    """Generic templates, and "it" after the first sentence, read back exactly."""
+    from pathlib import Path
+
+    ships = Path(__file__).resolve().parents[1] / "examples" / "ships.csv"
+    w = make(facts=str(ships), augment=augment, unknown=2)
+    parser = BioParser(w.templates, w.world.people.pools)
+    names = w.people.names
+    for text, p in zip(w.bios().text, w.bios().person.tolist()):
+        facts, unread = parser.parse(text)
+        assert unread == 0, text
+        assert {(f.name, f.attribute, f.value) for f in facts} == {
+            (names[p], a, w.value(p, a)) for a in w.attributes if w.value(p, a)}, text

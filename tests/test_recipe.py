@@ -129,3 +129,28 @@ def test_model_dtype_and_gradient_checkpointing_are_settable(tmp_path):
     assert next(prepare_model(cell2, tok).parameters()).dtype == torch.bfloat16
     with pytest.raises(FactlabError, match="model.dtype"):
         load_recipe("quickstart", ["model.dtype=fp8"])
+
+
+def test_the_report_of_a_user_fact_world_has_no_paper_column(tmp_path):
+    from factlab.experiments.report import extraction_section
+
+    f = tmp_path / "f.csv"
+    f.write_text("entity,attribute,value\nA Tower,city,Paris\nB Bridge,city,Rome\n")
+
+    def fake(cell, aug):
+        m = {"exact_match": 0.5, "per_attribute": {"city": 0.5}}
+        return {"cell": cell, "regime": "pretrain+finetune", "augment": aug, "ood": m, "id": m,
+                "id_paraphrase": m, "loss": {"pretrain": [[10, 1.0]]},
+                "tokens_per_s": {"pretrain": 1.0}, "people": 2, "params": 10, "seconds": 1.0,
+                "curves": {}}
+
+    for facts, paper in ((None, True), (str(f), False)):
+        recipe = load_recipe("quickstart", TINY + ([f"world.facts={facts}"] if facts else []))
+        cells = {c.name: c for c in recipe.cells}
+        text = "\n".join(extraction_section(tmp_path, recipe, [fake("single", "single"),
+                                                                fake("multi5+permute",
+                                                                     "multi5+permute")], cells))
+        assert ("paper mean" in text and "9.7" in text) == paper
+        assert ("no paper numbers" in text) == (not paper)
+        if not paper:
+            assert "(paper " not in text

@@ -140,12 +140,13 @@ def add_fact_file(corpus, path, t: int, *, seed: int = 0, templates=None):
     separable from the others by its inputs), with ``templates`` (YAML) or generic ones;
     values first seen here are appended to the pools, so no code moves."""
     from factlab.world.cohorts import add_entities, extend_pools
-    from factlab.world.facts import read_facts
+    from factlab.world.facts import pronoun_codes, read_facts
     from factlab.world.people import Table
     from factlab.world.versions import set_values
 
     path = Path(path)
-    ents, at, facts = read_facts(path)
+    pronouns: dict[str, str] = {}
+    ents, at, facts = read_facts(path, pronouns=pronouns)
     corpus = corpus.with_attributes([a for a in at if a not in corpus.attributes], templates)
     attrs = corpus.attributes
     extra: dict[int, list[str]] = {}
@@ -175,7 +176,7 @@ def add_fact_file(corpus, path, t: int, *, seed: int = 0, templates=None):
                 v = facts.get((e, attr))
                 if v is not None:
                     codes[k, a] = code[a][v]
-        tab = Table(new, np.full(len(new), -1, np.int8), attrs, codes, w.people.pools)
+        tab = Table(new, pronoun_codes(new, pronouns), attrs, codes, w.people.pools)
         w = add_entities(w, tab, t, seed)
     for ai, rows in changes.items():
         w = set_values(w, [r[0] for r in rows], attrs[ai], [r[1] for r in rows], t)

@@ -16,6 +16,10 @@ PAPER_OOD_ATTR = {"single": {"birth_date": 33.0}}
 
 
 def paper_mean(cell) -> float | None:
+    """The paper's mean OOD accuracy for a cell like ``cell``; None for a world made from a
+    user's fact file (the paper measured bioS worlds only)."""
+    if getattr(cell.world, "facts", None):
+        return None
     if cell.regime == "mixed":
         return PAPER_OOD_MEAN.get(f"mixed:{cell.world.augment}")
     if cell.world.minority:

@@ -47,22 +47,31 @@ def extraction_section(out: Path, recipe, results: list[dict], cells: dict) -> l
     if not results:
         return []
     attrs = list(results[0]["ood"]["per_attribute"]) if results else []
+    user = any(getattr(cells[r["cell"]].world, "facts", None) for r in results)
     lines = ["## OOD QA accuracy (P_test, exact match of the whole answer, %)", "",
-              "| cell | regime | bios | " + " | ".join(attrs) + " | **mean** | paper mean |",
-              "|---" * (len(attrs) + 5) + "|"]
+             "| cell | regime | bios | " + " | ".join(attrs) + " | **mean** |" +
+             ("" if user else " paper mean |"), "|---" * (len(attrs) + 4 + (not user)) + "|"]
     for r in results:
         c = cells[r["cell"]]
         paper = paper_mean(c)
         per = r["ood"]["per_attribute"]
-        pa = PAPER_OOD_ATTR.get(c.world.augment, {}) if c.regime != "mixed" else {}
+        pa = PAPER_OOD_ATTR.get(c.world.augment, {}) if c.regime != "mixed" and not user \
+            else {}
         cols = [_pct(per.get(a)) + (f" (paper {pa[a]:.0f})" if a in pa else "") for a in attrs]
         lines.append(f"| {r['cell']} | {r['regime']} | {r['augment']} | " + " | ".join(cols) +
-                     f" | **{_pct(r['ood']['exact_match'])}** | "
-                     f"{'–' if paper is None else f'{paper:.1f}'} |")
-    lines += ["", "The paper's numbers: GPT-2 small (124M parameters) on 100k people, 80k "
-              "pretraining steps (Allen-Zhu & Li 2023, Part 3.1, Fig. 3 / Tab. 1). Ours: the "
-              "model, world and steps of this recipe (below) — compare the *direction and "
-              "size of the effect*, not the absolute level, when the scale differs.", ""]
+                     f" | **{_pct(r['ood']['exact_match'])}** |" +
+                     ("" if user else f" {'–' if paper is None else f'{paper:.1f}'} |"))
+    if user:
+        lines += ["", "A world made from your fact file: the paper measured bioS biographies "
+                  "only, so no paper numbers are shown. Compare the cells with each other: "
+                  "the paper's claim is the *direction* (augmented bios extract better than "
+                  "single ones), and here it is measured on your facts.", ""]
+    else:
+        lines += ["", "The paper's numbers: GPT-2 small (124M parameters) on 100k people, 80k "
+                  "pretraining steps (Allen-Zhu & Li 2023, Part 3.1, Fig. 3 / Tab. 1). Ours: "
+                  "the model, world and steps of this recipe (below) — compare the *direction "
+                  "and size of the effect*, not the absolute level, when the scale differs.",
+                  ""]
     lines += ["## Memorisation, in-distribution and held-out phrasing (%)", "",
               "*bios memorised*: first-token accuracy of the attribute values inside the "
               "bios of P_test people at the end of BIO pretraining (or mixed training) — "
@@ -107,8 +116,9 @@ def _plots(out: Path, results: list[dict], cells) -> list[Path]:
     ours = [100 * r["ood"]["exact_match"] for r in results]
     paper = [paper_mean(cells[r["cell"]]) for r in results]
     ax.bar([x - 0.2 for x in xs], ours, 0.4, label="factlab")
-    ax.bar([x + 0.2 for x in xs], [p if p is not None else 0 for p in paper], 0.4,
-           label="paper", alpha=0.6)
+    if any(p is not None for p in paper):  # none for a user's fact world
+        ax.bar([x + 0.2 for x in xs], [p if p is not None else 0 for p in paper], 0.4,
+               label="paper", alpha=0.6)
     ax.set_xticks(list(xs), [r["cell"] for r in results], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("OOD QA accuracy (%)")
     ax.set_ylim(0, 100)

@@ -24,7 +24,7 @@ from factlab.text.augment import parse_augment
 from factlab.text.documents import Docs
 from factlab.text.templates import FORMS, PRONOUNS, TemplateSet, tokens
 
-TITLES = {0: "Mr.", 1: "Ms.", 2: "Mx.", -1: ""}
+TITLES = {0: "Mr.", 1: "Ms.", 2: "Mx.", 3: "", -1: ""}
 # adjacent pairs that may share a sentence, as attribute-name pairs
 PAIRS = (("birth_date", "birth_city"), ("university", "major"), ("employer", "company_city"),
          ("birth_city", "university"), ("major", "employer"))

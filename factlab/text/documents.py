@@ -17,6 +17,7 @@ import numpy as np
 from factlab.io import jstr
 from factlab.text.augment import Augment, parse_augment
 from factlab.text.templates import (FULL, N_MODES, NAME, NAME_FIRST, NAME_POSS, NAME_SENTENCES,
+                                    N_PRONOUN_SLOTS, mode_index,
                                     PRON, VALUE, TemplateSet, compile_sentence)
 
 CHUNK = 16384  # docs assembled per batch (bounds memory; results do not depend on it)
@@ -162,9 +163,9 @@ class Compiled:
             vslot = NAME if g == self.G - 1 else VALUE
             for t, tpl in enumerate(tpls):
                 for kind in (PRON, NAME_FIRST, FULL):
-                    for p in (0, 1, 2, -1):
+                    for p in (*range(N_PRONOUN_SLOTS - 1), -1):
                         base = compile_sentence(tpl, kind, p, vslot)
-                        m = kind * 4 + (3 if p < 0 else p)
+                        m = mode_index(kind, p)
                         for variant in range(4):  # bit 1: leading space, bit 0: final "\n"
                             parts = list(base)
                             if variant & 2:
@@ -258,7 +259,7 @@ def _assemble(table, ids, E, spec, comp, static, static_len, pool_off, tmpl, ord
     pl = np.repeat(np.arange(n), E)  # local person of each doc
     codes = table.codes[ids][pl]  # (D, A)
     pron = table.pronoun[ids][pl].astype(np.int64)
-    pidx = np.where(pron < 0, 3, pron)
+    pidx = np.where(pron < 0, N_PRONOUN_SLOTS - 1, pron)
 
     names = [table.names[i] for i in ids.tolist()]
     extra = names + [s + "'s" for s in names]
@@ -281,7 +282,7 @@ def _assemble(table, ids, E, spec, comp, static, static_len, pool_off, tmpl, ord
     if not spec.fullname and not spec.reverse:
         kind[np.arange(D), first] = NAME_FIRST
     variant = (cols != first[:, None]) * 2 + (cols == last[:, None])
-    r = comp.row(attr_of, t_of, kind * 4 + pidx[:, None], variant)
+    r = comp.row(attr_of, t_of, kind * N_PRONOUN_SLOTS + pidx[:, None], variant)
     r = np.where(present, r, comp.empty_row).reshape(-1)
 
     # ragged gather of every piece of every sentence, in order

@@ -5,7 +5,7 @@ scores generated pseudo-bios (generative replay writes them; are their facts tru
     facts = parser.parse(text)      # [(name, attribute, value, in_pool), ...]
 
 Every sentence template of every attribute is compiled, for each way the renderer can
-write it (name first, pronoun he / she / they, name everywhere), into an anchored regular
+write it (name first, pronoun he / she / they / it, name everywhere), into an anchored regular
 expression; the name slot matches a run of capitalised words (the caller looks the name
 up), the value slot a value of the attribute's pool (when the pool is not huge) or,
 failing that, any text up to the template's end. Text is read left to right: at each
@@ -30,7 +30,7 @@ from factlab.text.templates import FORMS, FULL, NAME, NAME_FIRST, NAME_POSS, PRO
     compile_sentence
 
 MAX_POOL = 5000  # larger pools (bioS birth dates) are matched loosely
-LOOSE_NAME = r"(?!(?:He|She|They)\b)[A-Z][\w'\-.]*(?: [A-Z][\w'\-.]*){0,5}"
+LOOSE_NAME = r"(?!(?:He|She|They|It)\b)[A-Z][\w'\-.]*(?: [A-Z][\w'\-.]*){0,5}"
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,8 @@ Syntax of a sentence template (one attribute per sentence)::
 
     "{subj} [was|were] born on {value}."
 
-``{subj}`` subject (the name or he/she/they), ``{poss}`` his/her/their, ``{obj}``
-him/her/them, ``{refl}`` himself/herself/themselves, ``{value}`` the attribute value,
+``{subj}`` subject (the name or he/she/they/it), ``{poss}`` his/her/their/its, ``{obj}``
+him/her/them/it, ``{refl}`` himself/herself/themselves/itself, ``{value}`` the attribute value,
 ``[singular|plural]`` verb agreement (plural only for "they"). ``{name}`` is accepted as an
 alias of ``{subj}`` in user template files. Question templates use ``{name}`` only.
 
@@ -37,16 +37,19 @@ FORMS = {  # subj, poss, obj, refl, plural
     "he": ("he", "his", "him", "himself", False),
     "she": ("she", "her", "her", "herself", False),
     "they": ("they", "their", "them", "themselves", True),
+    "it": ("it", "its", "it", "itself", False),
 }
 
 # Who the subject of a sentence is:
 PRON, NAME_FIRST, FULL = 0, 1, 2  # pronoun | full name, pronoun possessives | name everywhere
-N_MODES = 3 * 4  # x pronoun (he, she, they, none)
+N_PRONOUN_SLOTS = len(PRONOUNS) + 1  # he, she, they, it, none
+N_MODES = 3 * N_PRONOUN_SLOTS
 
 
 def mode_index(kind: int, pronoun: int) -> int:
-    """Index of (kind, pronoun code) in the compiled arrays; pronoun -1 maps to slot 3."""
-    return kind * 4 + (3 if pronoun < 0 else pronoun)
+    """Index of (kind, pronoun code) in the compiled arrays; pronoun -1 maps to the last
+    slot."""
+    return kind * N_PRONOUN_SLOTS + (N_PRONOUN_SLOTS - 1 if pronoun < 0 else pronoun)
 
 
 def tokens(template: str) -> list[tuple]:
@@ -182,18 +185,93 @@ def label(attribute: str) -> str:
     return attribute.replace("_", " ").strip()
 
 
+# how an attribute's name reads: a verb phrase ("surveyed by", "born in", "founded"), a
+# plural noun ("moons") or a singular noun (everything else)
+_PREPOSITIONS = {"about", "after", "as", "at", "by", "for", "from", "in", "into", "of", "on",
+                 "to", "under", "with", "within"}
+_PARTICIPLES = {"born", "made", "built", "written", "known", "held", "run", "led", "taught",
+                "sold", "given", "taken", "drawn", "grown", "shown", "seen", "done", "won",
+                "bought", "brought", "kept", "owned", "paid", "sent", "told", "chosen",
+                "driven", "spoken", "begun", "sung", "set", "put", "found", "based", "named"}
+_SINGULAR_S = ("ss", "us", "is", "ics", "ous", "news", "series", "species", "status", "alias",
+               "atlas", "canvas", "bias", "lens", "gas")
+
+
+def attribute_form(attribute: str) -> str:
+    """``verb`` (a verb phrase: "surveyed by", "born in", "founded"), ``plural`` (a plural
+    noun: "moons", "parents") or ``noun`` — how generic templates phrase the attribute."""
+    words = label(attribute).lower().split()
+    if not words:
+        return "noun"
+    first, last = words[0], words[-1]
+    if first in ("is", "was", "has", "had", "are", "were"):
+        return "verb"
+    if (len(words) > 1 and last in _PREPOSITIONS) or first in _PARTICIPLES or (
+            first.endswith("ed") and len(first) > 4 and (len(words) == 1 or
+                                                         last in _PREPOSITIONS)):
+        return "verb"
+    head = words[:words.index("of")][-1] if "of" in words[1:] else last  # "number of x"
+    if head.endswith("s") and not head.endswith(_SINGULAR_S) and len(head) > 3:
+        return "plural"
+    return "noun"
+
+
 def generic_entry(attribute: str) -> dict:
-    """Templates for an attribute nobody wrote templates for (user fact files)."""
+    """Templates for an attribute nobody wrote templates for (user fact files). Every
+    sentence names the entity once, as its subject (``{subj}``: the name, or he / she /
+    they / it after a bio's first sentence; never a possessive of it), reads as English
+    whether the attribute's name is a singular noun ("home port"), a plural one ("moons")
+    or a verb phrase ("surveyed by"), and agrees with "they"."""
     lab = label(attribute)
+    form = attribute_form(attribute)
+    if form == "verb":
+        words = lab.split()
+        first = words[0].lower()
+        rest = " ".join(words[1:]) if first in ("is", "was", "are", "were", "has", "had") \
+            and len(words) > 1 else lab
+        if first in ("has", "had"):  # "has part": what it has
+            verb = "[has|have]" if first == "has" else "had"
+            do = "does" if first == "has" else "did"
+            sentences = [f"{{subj}} {verb} {rest} {{value}}.",
+                         f"According to the records, {{subj}} {verb} {rest} {{value}}.",
+                         f"It is recorded that {{subj}} {verb} {rest} {{value}}.",
+                         f"As the records show, {{subj}} {verb} {rest} {{value}}.",
+                         f"The records say that {{subj}} {verb} {rest} {{value}}."]
+            return {"sentences": sentences,
+                    "question": f"What {rest} {do} {{name}} have?",
+                    "paraphrases": [f"Tell me what {rest} {{name}} {verb.strip('[').split('|')[0]}?",
+                                    f"Do you know what {rest} {{name}} "
+                                    f"{verb.strip('[').split('|')[0]}?",
+                                    f"According to the records, what {rest} {do} {{name}} "
+                                    f"have?"]}
+        aux, q = ("[is|are]", "is") if first in ("is", "are") else ("[was|were]", "was")
+        return {
+            "sentences": [
+                f"{{subj}} {aux} {rest} {{value}}.",
+                f"According to the records, {{subj}} {aux} {rest} {{value}}.",
+                f"It is recorded that {{subj}} {aux} {rest} {{value}}.",
+                f"As the records show, {{subj}} {aux} {rest} {{value}}.",
+                f"The records say that {{subj}} {aux} {rest} {{value}}.",
+            ],
+            "question": f"What {q} {{name}} {rest}?",
+            "paraphrases": [
+                f"Tell me what {{name}} {q} {rest}?",
+                f"Do you know what {{name}} {q} {rest}?",
+                f"According to the records, what {q} {{name}} {rest}?",
+            ],
+        }
+    be = "are" if form == "plural" else "is"  # the question's verb
     return {
+        # the entity is always the grammatical subject: after the first sentence it is a
+        # pronoun ("it has", never "the height of it")
         "sentences": [
-            f"The {lab} of {{subj}} is {{value}}.",
-            f"{{subj}} has {{value}} as {{poss}} {lab}.",
-            f"For {{subj}}, the {lab} is {{value}}.",
-            f"{{subj}} is recorded with the {lab} {{value}}.",
-            f"Listed under {lab}, {{subj}} has {{value}}.",
+            f"{{subj}} [has|have] the {lab} {{value}}.",
+            f"{{subj}} [is|are] recorded with the {lab} {{value}}.",
+            f"As for {lab}, {{subj}} [has|have] {{value}}.",
+            f"According to the records, {{subj}} [has|have] the {lab} {{value}}.",
+            f"The records show that {{subj}} [has|have] the {lab} {{value}}.",
         ],
-        "question": f"What is the {lab} of {{name}}?",
+        "question": f"What {be} the {lab} of {{name}}?",
         "paraphrases": [
             f"Which {lab} does {{name}} have?",
             f"Tell me the {lab} of {{name}}?",

@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 
 from factlab.errors import FactlabError
-from factlab.world.people import CELEBRITY, Table
+from factlab.world.people import CELEBRITY, IT, Table
 from factlab.world.versions import check_experience
 
 STREAM_COHORT = 6  # of factlab.world.sample.rng's streams
@@ -50,8 +50,8 @@ def sample_cohort_table(world, n: int, g: np.random.Generator) -> Table:
     keys = fresh_name_keys(world, n, g)
     nm = world.names
     names = nm.names(keys)
-    if world.source == "facts":  # fact-file entities are referred to by name
-        pronoun = np.full(n, -1, dtype=np.int8)
+    if world.source == "facts":  # a fact file's entities: "it"
+        pronoun = np.full(n, IT, dtype=np.int8)
     else:
         gender = np.array([0 if x == "m" else 1 for x in nm.first_gender], dtype=np.int8)
         pronoun = gender[nm.split_keys(keys)[0]]

@@ -3,6 +3,10 @@
 Every bad row stops the read with one error naming file, line and problem; nothing is
 written. A repeated identical row is harmless; the same entity and attribute with two
 different values is a conflict.
+
+The attribute ``pronoun`` is not a fact: ``Marie Curie,pronoun,she`` says how bios refer
+to the entity after its first mention (he, she, they or it). Entities without one are
+"it" (a fact file's entities are mostly things; a person's file should say so).
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from factlab.errors import FactlabError
-from factlab.world.people import Table
+from factlab.world.people import IT, PRONOUNS, Table
 
 COLUMNS = ("entity", "attribute", "value")
+PRONOUN = "pronoun"  # the reserved attribute (case-insensitive)
 
 
 def _decode_lines(path: Path, raw: bytes) -> list[str]:
@@ -72,8 +77,12 @@ def _rows_csv(path: Path, lines: list[str]):
         raise FactlabError(f"{path}:{reader.line_num}: malformed CSV ({e})") from None
 
 
-def read_facts(path: str | Path) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
-    """Entities and attributes in order of first appearance, and the fact mapping."""
+def read_facts(path: str | Path, *, pronouns: dict[str, str] | None = None
+               ) -> tuple[list[str], list[str], dict[tuple[str, str], str]]:
+    """Entities and attributes in order of first appearance, and the fact mapping.
+    ``pronoun`` rows are not facts: they go to ``pronouns`` (entity -> he / she / they /
+    it) when a dict is given, else they are checked and dropped."""
+    pronouns = {} if pronouns is None else pronouns
     path = Path(path)
     if not path.is_file():
         raise FactlabError(f"{path}: no such file")
@@ -103,6 +112,16 @@ def read_facts(path: str | Path) -> tuple[list[str], list[str], dict[tuple[str, 
                 raise FactlabError(f"{path}:{i}: attribute {v!r} contains a brace or bracket")
             vals[c] = v
         key = (vals["entity"], vals["attribute"])
+        if key[1].lower() == PRONOUN:
+            p = vals["value"].lower()
+            if p not in PRONOUNS:
+                raise FactlabError(f"{path}:{i}: pronoun {vals['value']!r} of {key[0]!r}: "
+                                   f"choose one of {', '.join(PRONOUNS)}")
+            if pronouns.get(key[0], p) != p:
+                raise FactlabError(f"{path}:{i}: {key[0]!r} has two pronouns: "
+                                   f"{pronouns[key[0]]!r} and {p!r}")
+            pronouns[key[0]] = p
+            continue
         if key in facts and facts[key] != vals["value"]:
             raise FactlabError(
                 f"{path}:{i}: entity {key[0]!r} has two values for {key[1]!r}: "
@@ -116,8 +135,16 @@ def read_facts(path: str | Path) -> tuple[list[str], list[str], dict[tuple[str, 
     return list(entities), list(attributes), facts
 
 
-def facts_table(entities, attributes, facts) -> Table:
-    """The same columnar :class:`Table` that sampled worlds use (pronoun -1: by name)."""
+def pronoun_codes(entities, pronouns: dict[str, str] | None = None) -> np.ndarray:
+    """(n,) int8 pronoun codes of ``entities``: the file's ``pronoun`` rows, else "it"."""
+    pronouns = pronouns or {}
+    return np.array([PRONOUNS.index(pronouns[e]) if e in pronouns else IT for e in entities],
+                    dtype=np.int8)
+
+
+def facts_table(entities, attributes, facts, pronouns: dict[str, str] | None = None) -> Table:
+    """The same columnar :class:`Table` that sampled worlds use (pronouns from the file's
+    ``pronoun`` rows, else "it")."""
     pools, codes = [], np.full((len(entities), len(attributes)), -1, dtype=np.int32)
     for a, attr in enumerate(attributes):
         index: dict[str, int] = {}
@@ -126,5 +153,5 @@ def facts_table(entities, attributes, facts) -> Table:
             if v is not None:
                 codes[e, a] = index.setdefault(v, len(index))
         pools.append(list(index))
-    return Table(list(entities), np.full(len(entities), -1, dtype=np.int8), tuple(attributes),
+    return Table(list(entities), pronoun_codes(entities, pronouns), tuple(attributes),
                  codes, tuple(pools))

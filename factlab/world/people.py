@@ -13,9 +13,11 @@ from factlab.world.versions import Updates
 # The six bioS attributes in canonical order (employer before company city).
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "company_city")
 
-# Pronoun codes 0, 1, 2 of Table.pronoun; -1 means "always refer to the entity by name".
-# Data (who is "she"), not text: the renderer owns every other form of them.
-PRONOUNS = ("he", "she", "they")
+# Pronoun codes 0..3 of Table.pronoun; -1 means "always refer to the entity by name".
+# Data (who is "she"), not text: the renderer owns every other form of them. bioS people
+# are he / she / they; a fact file's entities are "it" unless the file says otherwise.
+PRONOUNS = ("he", "she", "they", "it")
+IT = 3
 
 TRAIN, TEST = 0, 1  # values of World.split
 CELEBRITY, MINORITY = 0, 1  # values of World.group (celebrity worlds)

@@ -121,8 +121,9 @@ def half_split(n: int, test_fraction: float, g: np.random.Generator) -> np.ndarr
 def _facts_world(cfg: WorldConfig) -> World:
     if cfg.minority:
         raise FactlabError("minority: celebrity worlds are sampled, not read from a fact file")
-    entities, attributes, facts = read_facts(cfg.facts)
-    people = facts_table(entities, attributes, facts)
+    pronouns: dict[str, str] = {}
+    entities, attributes, facts = read_facts(cfg.facts, pronouns=pronouns)
+    people = facts_table(entities, attributes, facts, pronouns)
     split = half_split(len(people), cfg.test_fraction, rng(cfg.seed, STREAM_SPLIT))
     # unknown entities: fresh names from the pools (never equal to a real entity), values
     # drawn uniformly from each attribute's observed values
