@@ -41,9 +41,7 @@ world, answered by the backbone with no adapter at all.
 - **Adapted modules** (``modules=``): the attention projections of ``_LORA_TARGETS``
   (``"attention"``), or those and the MLP projections (``"attention+mlp"``, what the
   continual recipe uses: measured on the quickstart's base, attention-only adapters learn
-  a 50-person cohort to 16% in 300 steps at lr 3e-3, with the MLP 68%), or those and the
-  output projection (``"attention+mlp+head"``: values the model has never written, e.g.
-  invented names of a user's facts, need the head to move). Not the token
+  a 50-person cohort to 16% in 300 steps at lr 3e-3, with the MLP 68%). Not the token
   embedding the ``LoRA`` plugin also adapts: soft routing scales each adapter's ``lora_B``
   module per row, and an embedding adapter's B is a bare parameter.
 
@@ -103,17 +101,7 @@ _MLP_TARGETS = {
     "qwen2": ["gate_proj", "up_proj", "down_proj"],
     "gpt2": ["c_fc", "mlp.c_proj"],
 }
-MODULES = ("attention", "attention+mlp", "attention+mlp+head")
-
-
-def _head_name(model) -> str:
-    """The module path of ``model``'s output projection (``lm_head``; ``embed_out`` in
-    GPT-NeoX before transformers 5)."""
-    head = model.get_output_embeddings()
-    for name, mod in model.named_modules():
-        if mod is head and name:
-            return name
-    raise FactlabError("router: the model has no output projection module to adapt")
+MODULES = ("attention", "attention+mlp")
 
 
 def _adapter(t: int) -> str:
@@ -178,8 +166,7 @@ class RoutedAdapters(FrozenBackbone):
             raise FactlabError(f"router modules {modules!r}: choose one of {', '.join(MODULES)}")
         self.modules_kind = modules
         self.targets = list(_LORA_TARGETS[mtype][0]) + (
-            list(_MLP_TARGETS.get(mtype, [])) if "mlp" in modules else []) + (
-            [_head_name(backbone)] if modules.endswith("+head") else [])
+            list(_MLP_TARGETS.get(mtype, [])) if modules == "attention+mlp" else [])
         self.name_ids = [list(map(int, s)) for s in names] if names else None
         self.names = NameIndex(self.name_ids) if names else None
         self.pool = pool

@@ -105,7 +105,7 @@ class AdapterSettings(Strict):
                                               "example's query, or one mean per experience")
     pool: Literal["name", "mean", "last"] = "name"
     layer: int | None = None
-    modules: Literal["attention", "attention+mlp", "attention+mlp+head"] = Field(
+    modules: Literal["attention", "attention+mlp"] = Field(
         "attention+mlp", description="what each adapter adapts")
     margin: float = Field(0.02, ge=0, description="latest experience within this cosine "
                           "of the best wins")
