@@ -58,7 +58,7 @@ SMALL = ["--set", "n_keys=32", "--set", "topk=4", "--set", "key_dim=16", "--set"
 def test_memory_tune_random_facts_then_ask(tiny, capsys):
     out = tiny / "mem"
     assert cli("memory", "tune", tiny / "hf", "--random", 16, "--world", tiny / "world",
-               "--out", out, "--minutes", 2, *SMALL) == 0
+               "--out", out, "--minutes", 10, *SMALL) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["tuning"]["all_done"]
     assert res["reliability"]["generation_exact_match"] == 1.0
@@ -77,7 +77,7 @@ def test_memory_tune_random_facts_then_ask(tiny, capsys):
     assert said.splitlines()[0].strip() == fact["answer"] and "holds this question" in said
     # the same command again: the finished run resumes (nothing to do), same results
     assert cli("memory", "tune", tiny / "hf", "--random", 16, "--world", tiny / "world",
-               "--out", out, "--minutes", 2, *SMALL) == 0
+               "--out", out, "--minutes", 10, *SMALL) == 0
     again = json.loads((out / "results.json").read_text())
     assert again["reliability"] == res["reliability"]
 
