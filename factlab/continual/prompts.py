@@ -76,6 +76,20 @@ KINDS = ("l2p", "dual", "coda")
 PLACEMENTS = ("input", "prefix")
 
 
+def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A key/value cache pre-filled with one (keys, values) pair per layer."""
+    try:
+        return DynamicCache(ddp_cache_data=layers)  # recent transformers (5.x here)
+    except TypeError:
+        return DynamicCache.from_legacy_cache(tuple(layers))
+
+
+def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):  # recent transformers; older ones keep two lists
+        return cache.layers[i].keys, cache.layers[i].values
+    return cache.key_cache[i], cache.value_cache[i]
+
+
 def _orthogonal_rows(n: int, dim: int, against: torch.Tensor | None, g: torch.Generator
                      ) -> torch.Tensor:
     """``n`` random unit rows of width ``dim``, orthogonal to each other and to the rows
@@ -204,7 +218,7 @@ class PromptPool(FrozenBackbone):
             bb.train(was)
         out = []
         for li in layers:
-            k, v = cache.layers[li].keys, cache.layers[li].values  # (n, heads, length, hd)
+            k, v = _layer_kv(cache, li)  # (n, heads, length, hd)
             out.append(torch.stack([x.transpose(1, 2).reshape(n, length, -1) for x in (k, v)],
                                    1))
         return torch.stack(out, 1).float().cpu()
@@ -250,7 +264,7 @@ class PromptPool(FrozenBackbone):
             k, v = (x.reshape(B, x.shape[1], kvh, hd).transpose(1, 2).to(dtype)
                     for x in (kv[:, 0], kv[:, 1]))
             layers.append((k.contiguous(), v.contiguous()))
-        return DynamicCache(ddp_cache_data=layers)
+        return _cache_of(layers)
 
     # -------------------------------------------------------------------- selection
     @property
