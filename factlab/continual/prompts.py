@@ -84,6 +84,15 @@ def _cache_of(layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
         return DynamicCache.from_legacy_cache(tuple(layers))
 
 
+def _cache_kw(model) -> str:
+    """The name ``model``'s forward gives its key/value cache (``cache`` in transformers
+    5.x, ``past_key_values`` before)."""
+    import inspect
+
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _layer_kv(cache, i: int) -> tuple[torch.Tensor, torch.Tensor]:
     if hasattr(cache, "layers"):  # recent transformers; older ones keep two lists
         return cache.layers[i].keys, cache.layers[i].values
@@ -167,6 +176,7 @@ class PromptPool(FrozenBackbone):
             return emb[idx].reshape(*shape, d).clone()
 
         self.placement = placement
+        self._cache_name = _cache_kw(backbone)
         if placement == "prefix":
             n_layers = len(decoder_layers(backbone))
             half = max(1, n_layers // 2)
@@ -213,7 +223,7 @@ class PromptPool(FrozenBackbone):
         try:
             cache = DynamicCache()
             bb(inputs_embeds=embeds.to(dev, next(bb.parameters()).dtype),
-               **{self._cache_kw(): cache}, use_cache=True)
+               **{self._cache_name: cache}, use_cache=True)
         finally:
             bb.train(was)
         out = []
@@ -223,19 +233,15 @@ class PromptPool(FrozenBackbone):
                                    1))
         return torch.stack(out, 1).float().cpu()
 
-    def _cache_kw(self) -> str:
-        """The name the backbone's forward gives its key/value cache (``cache`` from
-        transformers 5.x, ``past_key_values`` before)."""
-        import inspect
-
-        params = inspect.signature(type(self.backbone).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-
-    def _kv_width(self) -> int:
+    def _kv_heads(self) -> tuple[int, int]:
+        """(key/value heads, head width) of the backbone's attention."""
         c = self.backbone.config
         heads = c.num_attention_heads
         kvh = getattr(c, "num_key_value_heads", None) or heads
-        hd = getattr(c, "head_dim", None) or c.hidden_size // heads
+        return kvh, getattr(c, "head_dim", None) or c.hidden_size // heads
+
+    def _kv_width(self) -> int:
+        kvh, hd = self._kv_heads()
         return kvh * hd
 
     def prefix_cache(self, input_ids, attention_mask=None) -> DynamicCache:
@@ -248,10 +254,7 @@ class PromptPool(FrozenBackbone):
         else:
             x = P[sel]  # (B, top, slots, 2, len, w)
             per = x.permute(0, 2, 3, 1, 4, 5).reshape(B, *x.shape[2:4], -1, x.shape[-1])
-        c = self.backbone.config
-        heads = c.num_attention_heads
-        kvh = getattr(c, "num_key_value_heads", None) or heads
-        hd = self._kv_width() // kvh
+        kvh, hd = self._kv_heads()
         dtype = next(self.backbone.parameters()).dtype
         layers = []
         slot = {li: k for k, li in enumerate(self.p_layers)}
@@ -397,7 +400,7 @@ class PromptPool(FrozenBackbone):
             kwargs.pop("use_cache", None)
             with self.active():
                 return self.backbone(input_ids=input_ids, attention_mask=m, position_ids=pos,
-                                     **{self._cache_kw(): cache}, use_cache=True, **kwargs)
+                                     **{self._cache_name: cache}, use_cache=True, **kwargs)
         x, m, P = self._inputs(input_ids, attention_mask)
         pos = (m.long().cumsum(-1) - 1).clamp(min=0)
         with self.active():
@@ -417,7 +420,7 @@ class PromptPool(FrozenBackbone):
             ids = torch.cat([input_ids.new_zeros((input_ids.shape[0], P)), input_ids], 1)
             with self.active():
                 out = self.backbone.generate(input_ids=ids, attention_mask=m,
-                                             **{self._cache_kw(): cache}, **kwargs)
+                                             **{self._cache_name: cache}, **kwargs)
             return out[:, P:]
         x, m, _ = self._inputs(input_ids, attention_mask)
         with self.active():

@@ -667,8 +667,6 @@ class ExperienceAdapters(Plugin):
 
     def _keys(self, loop, m: RoutedAdapters, t: int, data) -> None:
         if data is None or t in m.keyed() or m.routing == "sum":  # sum: nothing to route
-            if m.routing == "sum" and t:
-                self.added.setdefault(t, {"params": m.parameter_count(t), "keys": 0})
             return
         seq_len = getattr(getattr(loop, "stream", None), "seq_len", None)
         n = m.add_keys(t, m.queries(example_sequences(data, seq_len), self.batch_size))

@@ -153,7 +153,8 @@ def add_fact_file(corpus, path, t: int, *, seed: int = 0, templates=None):
     for (_, a), v in facts.items():
         extra.setdefault(attrs.index(a), []).append(v)
     w = extend_pools(corpus.world, extra)
-    clash = [e for e in ents if e in set(w.unknown.names)]
+    unknown = set(w.unknown.names)
+    clash = [e for e in ents if e in unknown]
     if clash:
         raise FactlabError(f"{path}: {clash[0]!r} is one of the stream's unknown people; "
                            f"rename it")
