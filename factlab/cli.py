@@ -141,7 +141,7 @@ def world_validate(path: Path = typer.Argument(..., help="fact file (JSONL or CS
                                      "ignore_unknown_options": True})
 def run(ctx: typer.Context,
         recipe: str = typer.Argument(..., help="recipe name (quickstart, fig3, mixed, "
-                                               "celebrity, random_labels, continual, "
+                                               "celebrity, reverse, random_labels, continual, "
                                                "continual-full) or a path to a YAML file"),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
         force: bool = typer.Option(False, "--force", help="replace a run of another config"),

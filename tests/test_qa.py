@@ -51,3 +51,46 @@ def test_leakage_fails_loudly(world_small):
     with pytest.raises(FactlabError, match="leakage"):
         check_no_leak(world_small, world_small.test_ids)
     check_no_leak(world_small, world_small.train_ids)
+
+
+def test_inverse_questions_give_every_value_and_ask_the_name(world_small):
+    inv = world_small.inverse_qa([0, 3])
+    t = world_small.people
+    assert inv.attributes == ("name",) and list(inv.person) == [0, 3]
+    for i, p in enumerate([0, 3]):
+        assert inv.answer[i] == t.names[p]
+        assert t.names[p] not in inv.question[i]
+        for a in range(len(ATTRIBUTES)):
+            assert t.value(p, a) in inv.question[i]
+    assert inv.question[0].startswith(f"Who was born on {t.value(0, 'birth_date')} in "
+                                      f"{t.value(0, 'birth_city')}, studied")
+    # two people differ in their questions
+    assert inv.question[0] != inv.question[1]
+
+
+def test_training_qa_joins_forward_and_inverse_questions(world_small):
+    fwd = training_qa(world_small)
+    both = training_qa(world_small, kinds=("forward", "inverse"))
+    n = len(world_small.train_ids)
+    assert len(both) == len(fwd) + n
+    assert both.attributes == tuple(ATTRIBUTES) + ("name",)
+    assert both.question[:len(fwd)] == fwd.question
+    inv = both.attribute[len(fwd):]
+    assert (inv == len(ATTRIBUTES)).all()
+    assert both.answer[len(fwd):] == [world_small.people.names[i]
+                                      for i in world_small.train_ids]
+    # the leakage guard holds for inverse questions too
+    with pytest.raises(FactlabError, match="leakage"):
+        training_qa(world_small, world_small.test_ids[:1], kinds=("inverse",))
+    with pytest.raises(FactlabError, match="question kinds"):
+        training_qa(world_small, kinds=("sideways",))
+
+
+def test_inverse_search_needs_the_bios_attributes(tmp_path):
+    from factlab.corpus import CorpusConfig, make_corpus
+
+    f = tmp_path / "ships.csv"
+    f.write_text("entity,attribute,value\nAldra,home port,Brem\nBovin,home port,Tarr\n")
+    c = make_corpus(CorpusConfig(facts=str(f), unknown=0))
+    with pytest.raises(FactlabError, match="six bioS attributes"):
+        c.inverse_qa()

@@ -76,8 +76,15 @@ def test_packing_schedule():
                      ("{whole: 0.99, named: 0.01}", "gets no step")]:
         with pytest.raises(FactlabError, match=msg):
             load_recipe("quickstart", TINY + ["pretrain.steps=10", f"packing={bad}"])
-    with pytest.raises(FactlabError, match="mixed"):
-        load_recipe("quickstart", TINY + ["regime=mixed", "packing={whole: 0.5, named: 0.5}"])
+    # mixed training: the bio stream gets (1 - qa_ratio) of the rows, so the switch
+    # comes at the same fraction of the steps
+    mixed = load_recipe("quickstart", TINY + ["pretrain.steps=10", "regime=mixed",
+                                              "qa_ratio=0.75", "mix=batch"]).cells[0]
+    s = bio_stream(mixed, encode_docs(tok, world.bios()), tok, share=1 - mixed.qa_ratio)
+    assert s.starts[1] == round(6 * b * 0.25)
+    for key, bad in [("mix", "packed"), ("questions", "[sideways]")]:
+        with pytest.raises(FactlabError, match=key):
+            load_recipe("quickstart", TINY + [f"{key}={bad}"])
 
 
 def test_stages_are_configurable_and_a_new_default_field_resumes(tmp_path):

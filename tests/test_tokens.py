@@ -434,3 +434,25 @@ def test_first_token_targets_in_qa(tok, qa, enc_qa):
         assert t.target[q] == row[p + 1]
         assert completion(qa.answer[q]).startswith(tok.decode([int(t.target[q])]))
     assert np.array_equal(t.attribute, qa.attribute)
+
+
+def test_mixture_runs_keep_whole_batches_from_one_source(tok, enc, enc_qa):
+    qs = QAStream(enc_qa, L, tok.pad_token_id, seed=1, pack=False)
+    ds = DocStream(enc, L, tok.eos_token_id, seed=2)
+    m = Mixture([qs, ds], [0.8, 0.2], seed=3, run=8)
+    n = 8 * 600
+    src, idx = m.sources(0, n)
+    runs = src.reshape(-1, 8)
+    assert (runs == runs[:, :1]).all()  # every batch of 8 is one source
+    assert 0.74 < (runs[:, 0] == 0).mean() < 0.86
+    for s, stream in ((0, qs), (1, ds)):  # each source read in its own order, no gaps
+        rows = np.flatnonzero(src == s)
+        assert np.array_equal(idx[rows], np.arange(len(rows)))
+        got = m.sequences(0, n)["input_ids"][rows]
+        assert np.array_equal(got, stream.sequences(0, len(rows))["input_ids"])
+    # a read starting inside a run agrees with the read from the start
+    assert np.array_equal(m.sources(13, 40)[1], idx[13:53])
+    assert np.array_equal(Mixture([qs, ds], [0.8, 0.2], seed=3).sources(0, 8)[0] == 0,
+                          Mixture([qs, ds], [0.8, 0.2], seed=3, run=1).sources(0, 8)[0] == 0)
+    with pytest.raises(FactlabError, match="run"):
+        Mixture([qs, ds], [0.5, 0.5], run=0)

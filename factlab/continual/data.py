@@ -137,7 +137,7 @@ def experience_data(corpus, tok, t: int, *, prompt_format: str = "plain",
                 uq = QA(np.asarray(uq.person)[keep], np.asarray(uq.attribute)[keep],
                         np.asarray(uq.template)[keep], [uq.question[i] for i in keep],
                         [uq.answer[i] for i in keep], uq.attributes, False)
-                qa = uq if qa is None else _join_qa(qa, uq)
+                qa = uq if qa is None else qa.join(uq)
         if not parts_d:
             raise FactlabError(f"experience {t} of the stream adds nothing")
         docs = parts_d[0] if len(parts_d) == 1 else type(parts_d[0]).concat(parts_d)
@@ -145,14 +145,6 @@ def experience_data(corpus, tok, t: int, *, prompt_format: str = "plain",
     eq = encode_qa(tok, qa, prompt_format) if qa is not None and len(qa) else None
     return ExperienceData(ed, eq, np.full(len(ed), t, np.int64),
                           np.full(0 if eq is None else len(eq), t, np.int64))
-
-
-def _join_qa(a, b):
-    from factlab.text.qa import QA
-
-    return QA(np.concatenate([a.person, b.person]), np.concatenate([a.attribute, b.attribute]),
-              np.concatenate([a.template, b.template]), list(a.question) + list(b.question),
-              list(a.answer) + list(b.answer), a.attributes, False)
 
 
 class FactStream:

@@ -137,6 +137,14 @@ class Corpus:
         return R.qa(self.world, self.templates, people, at=at, paraphrase=paraphrase,
                     all_paraphrases=all_paraphrases)
 
+    def inverse_qa(self, people=None, *, at: int = 0) -> QA:
+        """Inverse-search questions (Part 3.2): all six bioS values of each of ``people``
+        (default: the base world's) given, the full name asked."""
+        from factlab.text.qa import inverse_pairs
+
+        ids = self.base_ids if people is None else np.asarray(people, dtype=np.int64)
+        return inverse_pairs(self.table_at(at), ids)
+
     # -- later experiences -----------------------------------------------------------------
     def with_world(self, world: World) -> Corpus:
         """The same rendering of an extended world (cohorts, updates). Text already

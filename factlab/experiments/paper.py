@@ -46,3 +46,19 @@ def paper_probe_key(cell) -> str | None:
     if cell.regime == "mixed" or cell.world.minority:
         return None
     return cell.world.augment
+
+# Part 3.2 (Allen-Zhu & Li, arXiv 2309.14402), inverse search: "virtually 0%" whatever the
+# prompt when the bios name the person before the attributes; it works only when the
+# knowledge is written in reverse order (the name after the attributes). Stated
+# qualitatively here (no single number per dataset is quoted).
+PAPER_INVERSE_NOTE = {
+    "forward": "≈0% (virtually zero, any prompt)",
+    "reverse": "works (well above 0)",
+}
+
+
+def paper_inverse_note(cell) -> str:
+    from factlab.text.augment import parse_augment
+
+    return PAPER_INVERSE_NOTE["reverse" if parse_augment(cell.world.augment).reverse
+                              else "forward"]

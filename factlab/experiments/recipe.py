@@ -76,7 +76,18 @@ class EvalConfig(Strict):
 class CellConfig(Strict):
     name: str
     regime: str = "pretrain+finetune"  # pretrain+finetune | mixed
-    qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences
+    qa_ratio: float = Field(0.8, gt=0, lt=1)  # mixed: share of all-QA sequences (batches)
+    # mixed: what is drawn QA-or-bio. sequence (the paper's): QA packed several to a
+    # sequence, each sequence all-QA with probability qa_ratio. batch: one question per
+    # row, each whole batch all-QA with probability qa_ratio (a QA batch is trimmed to its
+    # questions' length, ~5x cheaper per row at context 128; pretrain.steps then counts
+    # QA and bio batches together)
+    mix: str = "sequence"
+    # the questions the cell trains on (finetune or mixed) and is asked (extract): forward
+    # ("What is the birth date of NAME?") and/or inverse ("Who was born on ... and worked
+    # for ...?", the full name asked; Part 3.2; bioS worlds). Forward questions are always
+    # asked in extraction.
+    questions: list[str] = ["forward"]
     # bio packing: concat (join with EOS, cut every `context` tokens; the paper's) or whole
     # (never split a bio; pad the rest of a sequence) or named (concat, with the leading
     # fragment of a split bio kept in context but out of the loss) -- see DocStream.
@@ -114,6 +125,24 @@ class CellConfig(Strict):
             raise ValueError("a cell needs at least one stage")
         return list(v)
 
+    @field_validator("questions")
+    @classmethod
+    def _questions(cls, v):
+        from factlab.text.qa import QUESTIONS
+
+        bad = [k for k in v if k not in QUESTIONS]
+        if bad or not v:
+            raise ValueError(f"choose one or more of {', '.join(QUESTIONS)}"
+                             + (f" (got {bad[0]!r})" if bad else ""))
+        return list(dict.fromkeys(v))
+
+    @field_validator("mix")
+    @classmethod
+    def _mix(cls, v):
+        if v not in ("sequence", "batch"):
+            raise ValueError("must be 'sequence' or 'batch'")
+        return v
+
     @field_validator("regime")
     @classmethod
     def _regime(cls, v):
@@ -142,11 +171,15 @@ class CellConfig(Strict):
         return dict(v)
 
     @model_validator(mode="after")
+    def _inverse(self):
+        if "inverse" in self.questions and self.world.facts:
+            raise ValueError("questions: inverse search asks for a person from the six bioS "
+                             "attributes; a world made from a fact file has no such question")
+        return self
+
+    @model_validator(mode="after")
     def _schedule(self):
         if isinstance(self.packing, dict) and len(self.packing) > 1:
-            if self.regime == "mixed":
-                raise ValueError("a packing schedule applies to BIO pretraining, not to "
-                                 "mixed training; give one packing")
             for name, n in packing_segments(self.packing, self.pretrain.steps):
                 if n < 1:
                     raise ValueError(f"packing {name!r} gets no step of the "

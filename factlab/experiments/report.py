@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from factlab.experiments.paper import PAPER_OOD_ATTR, paper_mean
+from factlab.experiments.paper import PAPER_OOD_ATTR, paper_inverse_note, paper_mean
 from factlab.experiments.recipe import packing_segments
 from factlab.io import atomic_write_text
 
@@ -72,6 +72,21 @@ def extraction_section(out: Path, recipe, results: list[dict], cells: dict) -> l
                   "the model, world and steps of this recipe (below) — compare the *direction "
                   "and size of the effect*, not the absolute level, when the scale differs.",
                   ""]
+    inv = [r for r in results if "ood_inverse" in r]
+    if inv:
+        lines += ["## Inverse search (Part 3.2, exact match of the full name, %)", "",
+                  "The question gives all six values and asks who it is (\"Who was born on "
+                  "... in ..., studied ... at ..., and worked for ... in ...?\"); trained on "
+                  "P_train people's, asked about P_test people's.", "",
+                  "| cell | bios | inverse ID (P_train) | **inverse OOD (P_test)** | forward "
+                  "OOD | paper, inverse |", "|---|---|---|---|---|---|"]
+        for r in inv:
+            lines.append(f"| {r['cell']} | {r['augment']} | "
+                         f"{_pct(r['id_inverse']['exact_match'])} | "
+                         f"**{_pct(r['ood_inverse']['exact_match'])}** | "
+                         f"{_pct(r['ood']['exact_match'])} | "
+                         f"{paper_inverse_note(cells[r['cell']])} |")
+        lines.append("")
     lines += ["## Memorisation, in-distribution and held-out phrasing (%)", "",
               "*bios memorised*: first-token accuracy of the attribute values inside the "
               "bios of P_test people at the end of BIO pretraining (or mixed training) — "

@@ -65,8 +65,10 @@ def eval_people(world, cell):
     return (tr[:cap], te[:cap]) if cap else (tr, te)
 
 
-def bio_stream(cell, enc_docs, tok):
-    """The pretraining stream of bios: one packing, or a Schedule of packings."""
+def bio_stream(cell, enc_docs, tok, share: float = 1.0):
+    """The pretraining stream of bios: one packing, or a Schedule of packings. ``share``:
+    the expected fraction of the steps' rows that are bios (mixed training), so that a
+    schedule switches packing at its fraction of the steps."""
     from factlab.experiments.recipe import packing_segments
     from factlab.tokens.mixing import Schedule
     from factlab.tokens.streams import DocStream
@@ -80,7 +82,8 @@ def bio_stream(cell, enc_docs, tok):
     if len(segments) == 1:
         return stream(segments[0][0], 0)
     return Schedule([stream(p, i) for i, (p, _) in enumerate(segments)],
-                    [n * cell.pretrain.batch_size for _, n in segments[:-1]])
+                    [max(1, round(n * cell.pretrain.batch_size * share))
+                     for _, n in segments[:-1]])
 
 
 def _log(msg: str) -> None:
@@ -102,13 +105,14 @@ def _qa_stream(run: CellRun, pack: bool):
     from factlab.tokens.encode import encode_qa
     from factlab.tokens.streams import QAStream
 
-    enc = encode_qa(run.tok, training_qa(run.world), run.cell.model.prompt_format)
+    enc = encode_qa(run.tok, training_qa(run.world, kinds=run.cell.questions),
+                    run.cell.model.prompt_format)
     return QAStream(enc, run.cell.model.context, run.tok.pad_token_id,
                     seed=run.cell.finetune.seed, pack=pack)
 
 
-def _bio_stream(run: CellRun):
-    return bio_stream(run.cell, run.enc_docs, run.tok)
+def _bio_stream(run: CellRun, share: float = 1.0):
+    return bio_stream(run.cell, run.enc_docs, run.tok, share)
 
 
 @stage("pretrain")
@@ -134,13 +138,18 @@ def finetune(run: CellRun) -> None:
 
 @stage("mixed")
 def mixed(run: CellRun) -> None:
-    """Mixed training: each packed sequence all-QA with probability ``qa_ratio``."""
+    """Mixed training from scratch: each sequence (``mix: sequence``, QA packed) or each
+    batch (``mix: batch``, one question per row) all-QA with probability ``qa_ratio``,
+    else bios."""
     from factlab.tokens.mixing import Mixture
 
     c = run.cell
-    stream = Mixture([_qa_stream(run, pack=True), _bio_stream(run)],
-                     [c.qa_ratio, 1 - c.qa_ratio], seed=c.pretrain.seed)
-    _log(f"{run.tag} mixed training: {c.pretrain.steps} steps, QA_r={c.qa_ratio}")
+    by_batch = c.mix == "batch"
+    stream = Mixture([_qa_stream(run, pack=not by_batch), _bio_stream(run, 1 - c.qa_ratio)],
+                     [c.qa_ratio, 1 - c.qa_ratio], seed=c.pretrain.seed,
+                     run=c.pretrain.batch_size if by_batch else 1)
+    _log(f"{run.tag} mixed training: {c.pretrain.steps} steps, QA_r={c.qa_ratio} "
+         f"(per {c.mix})")
     _loop(run, stream, c.pretrain, "mixed")
 
 
@@ -168,7 +177,8 @@ def _extraction_section(out, recipe, results, cells):
 
 @stage("extract", section=_extraction_section)
 def extract(run: CellRun) -> None:
-    """Exact-match QA extraction on P_train (ID), P_test (OOD) and held-out phrasings."""
+    """Exact-match QA extraction on P_train (ID), P_test (OOD) and held-out phrasings; and
+    inverse search (ID and OOD) when the cell trains on inverse questions."""
     from factlab.evaluate.generate import evaluate_qa
     from factlab.io import write_jsonl
 
@@ -176,8 +186,11 @@ def extract(run: CellRun) -> None:
         return
     c, w = run.cell, run.world
     id_people, ood_people = eval_people(w, c)
-    sets = (("id", w.qa(id_people)), ("ood", w.qa(ood_people)),
-            ("id_paraphrase", w.qa(id_people, paraphrase=True)))
+    sets = [("id", w.qa(id_people)), ("ood", w.qa(ood_people)),
+            ("id_paraphrase", w.qa(id_people, paraphrase=True))]
+    if "inverse" in c.questions:
+        sets += [("id_inverse", w.inverse_qa(id_people)),
+                 ("ood_inverse", w.inverse_qa(ood_people))]
     for split, qa in sets:
         metrics, preds = evaluate_qa(run.model, run.tok, qa, batch_size=c.eval.batch_size,
                                      num_beams=c.eval.num_beams,

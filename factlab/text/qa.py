@@ -41,6 +41,21 @@ class QA:
     def __len__(self) -> int:
         return len(self.question)
 
+    def join(self, other: QA) -> QA:
+        """These pairs then ``other``'s; the attribute list is the union (``other``'s
+        indices renumbered into it), so forward and inverse questions can be joined."""
+        attrs = tuple(self.attributes) + tuple(a for a in other.attributes
+                                               if a not in self.attributes)
+        remap = np.array([attrs.index(a) for a in other.attributes] or [0], dtype=np.int64)
+        oa = remap[np.asarray(other.attribute, dtype=np.int64)] if len(other) else \
+            np.zeros(0, np.int64)
+        return QA(np.concatenate([self.person, other.person]).astype(np.int32),
+                  np.concatenate([np.asarray(self.attribute, np.int64), oa]).astype(np.int16),
+                  np.concatenate([self.template, other.template]).astype(np.int16),
+                  list(self.question) + list(other.question),
+                  list(self.answer) + list(other.answer), attrs,
+                  self.heldout and other.heldout)
+
     def records(self, split=None, names=None):
         for i, (q, a) in enumerate(zip(self.question, self.answer)):
             p = int(self.person[i])
@@ -117,6 +132,41 @@ def qa_pairs(table, ids, templates: TemplateSet, *, paraphrase: bool = False,
     return QA(person, attribute, template, question, answer, attrs, paraphrase)
 
 
+# Inverse search (Part 3.2): every attribute of a person given, the full name asked. The
+# question's order is the canonical bio order; a bio written name-first ("Anya ... was
+# born on ...") stores name -> attributes, which this question runs backwards.
+INVERSE = "name"  # the answer's attribute label in a QA of inverse questions
+INVERSE_BIOS = ("Who was born on {birth_date} in {birth_city}, studied {major} at "
+                "{university}, and worked for {employer} in {company_city}?")
+
+
+def inverse_pairs(table, ids) -> QA:
+    """Inverse-search questions about people ``ids`` of a bioS table: all six values
+    given, the full name asked (attribute ``"name"``, template 0)."""
+    missing = [a for a in ("birth_date", "birth_city", "major", "university", "employer",
+                           "company_city") if a not in table.attributes]
+    if missing:
+        raise FactlabError(f"inverse search needs the six bioS attributes; this world lacks "
+                           f"{', '.join(missing)}")
+    ids = np.asarray(ids, dtype=np.int64)
+    codes = table.codes[ids]
+    col = {a: i for i, a in enumerate(table.attributes)}
+    question, keep = [], []
+    for row in codes.tolist():
+        ok = all(row[col[a]] >= 0 for a in col)
+        keep.append(ok)
+        if ok:
+            question.append(INVERSE_BIOS.format(
+                **{a: table.pools[i][row[i]] for a, i in col.items()}))
+    ids = ids[np.asarray(keep, dtype=bool)] if len(ids) else ids
+    n = len(ids)
+    return QA(ids.astype(np.int32), np.zeros(n, np.int16), np.zeros(n, np.int16), question,
+              [table.names[i] for i in ids.tolist()], (INVERSE,), False)
+
+
+QUESTIONS = ("forward", "inverse")  # kinds of question a cell trains on and is asked
+
+
 def check_no_leak(world, people) -> None:
     """Fail loudly if ``people`` contains anyone from P_test (or an unknown index)."""
     people = np.asarray(people, dtype=np.int64)
@@ -130,10 +180,19 @@ def check_no_leak(world, people) -> None:
             f"evaluation only")
 
 
-def training_qa(world, people=None, *, at: int = 0) -> QA:
+def training_qa(world, people=None, *, at: int = 0, kinds=("forward",)) -> QA:
     """The only way to get QA for training: canonical questions of P_train people (default:
     the base world's), answered with their values after experience ``at``. ``world`` is a
-    :class:`~factlab.corpus.Corpus` (a world with its templates)."""
+    :class:`~factlab.corpus.Corpus` (a world with its templates). ``kinds``: forward
+    (attribute of a named person), inverse (the person of given attributes), or both."""
     ids = world.train_ids if people is None else np.asarray(people)
     check_no_leak(world, ids)
-    return qa_pairs(world.table_at(at), ids, world.templates, paraphrase=False)
+    bad = [k for k in kinds if k not in QUESTIONS]
+    if bad or not kinds:
+        raise FactlabError(f"question kinds {list(kinds)}: choose from {', '.join(QUESTIONS)}")
+    out = None
+    for k in kinds:
+        qa = qa_pairs(world.table_at(at), ids, world.templates, paraphrase=False) \
+            if k == "forward" else inverse_pairs(world.table_at(at), ids)
+        out = qa if out is None else out.join(qa)
+    return out

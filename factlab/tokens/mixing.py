@@ -76,11 +76,16 @@ class Mixture:
     millions costs one pass over the blocks before k the first time, then O(n).
 
     Every key of every source is kept; a row's per-row key is -1 where its source lacks it.
+
+    ``run``: rows come in runs of ``run`` consecutive sequences from one source (one choice
+    per run; ``run=batch_size`` makes every batch all one source). Mixed training with
+    one question per row uses it: an all-QA batch is then trimmed to its questions'
+    length instead of being padded to the bios' beside it.
     """
 
     BLOCK = 4096
 
-    def __init__(self, streams: list, probs: list[float], seed: int = 0):
+    def __init__(self, streams: list, probs: list[float], seed: int = 0, run: int = 1):
         if not streams or len(streams) != len(probs):
             raise FactlabError(f"Mixture: {len(streams)} streams but {len(probs)} probs")
         lens = {int(s.seq_len) for s in streams}
@@ -89,7 +94,9 @@ class Mixture:
         p = np.asarray(probs, dtype=np.float64)
         if (p < 0).any() or not np.isfinite(p).all() or abs(p.sum() - 1) > 1e-6:
             raise FactlabError(f"Mixture: probs must be >= 0 and sum to 1, got {list(probs)}")
-        self.streams, self.probs, self.seed = list(streams), p, seed
+        if int(run) < 1:
+            raise FactlabError(f"Mixture: run must be >= 1, got {run}")
+        self.streams, self.probs, self.seed, self.run = list(streams), p, seed, int(run)
         self.seq_len = lens.pop()
         self._cdf = np.cumsum(p)
         self._cdf[-1] = 1.0
@@ -104,6 +111,23 @@ class Mixture:
         return int(max(np.ceil(s.sequences_per_epoch / q)
                        for s, q in zip(self.streams, self.probs) if q > 0))
 
+    def _runs(self, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For runs ``r``: the stream each is drawn from and its rank among that stream's
+        runs."""
+        blocks = r // self.BLOCK
+        src = np.empty(len(r), dtype=np.int64)
+        idx = np.empty(len(r), dtype=np.int64)
+        for b in np.unique(blocks).tolist():
+            while len(self._before) <= b:  # cumulate counts up to block b
+                nb = len(self._before) - 1
+                self._before.append(self._before[nb] + self._blocks.get_or(nb, self._block)[2])
+            c, rank, _ = self._blocks.get_or(b, self._block)
+            m = blocks == b
+            pos = r[m] - b * self.BLOCK
+            src[m] = c[pos]
+            idx[m] = self._before[b][c[pos]] + rank[pos]
+        return src, idx
+
     def _block(self, b: int):
         u = _rng(self.seed, b).random(self.BLOCK)
         c = np.searchsorted(self._cdf, u, side="right").clip(0, len(self.streams) - 1)
@@ -116,19 +140,8 @@ class Mixture:
         in that stream."""
         _check_range(start, n)
         k = np.arange(start, start + n, dtype=np.int64)
-        blocks = k // self.BLOCK
-        src = np.empty(n, dtype=np.int64)
-        idx = np.empty(n, dtype=np.int64)
-        for b in np.unique(blocks).tolist():
-            while len(self._before) <= b:  # cumulate counts up to block b
-                nb = len(self._before) - 1
-                self._before.append(self._before[nb] + self._blocks.get_or(nb, self._block)[2])
-            c, rank, _ = self._blocks.get_or(b, self._block)
-            m = blocks == b
-            pos = k[m] - b * self.BLOCK
-            src[m] = c[pos]
-            idx[m] = self._before[b][c[pos]] + rank[pos]
-        return src, idx
+        src, idx = self._runs(k // self.run)
+        return src, idx * self.run + k % self.run
 
     def sequences(self, start: int, n: int) -> dict:
         src, idx = self.sources(start, n)
