@@ -141,7 +141,8 @@ def world_validate(path: Path = typer.Argument(..., help="fact file (JSONL or CS
                                      "ignore_unknown_options": True})
 def run(ctx: typer.Context,
         recipe: str = typer.Argument(..., help="recipe name (quickstart, fig3, mixed, "
-                                               "celebrity, reverse, random_labels, continual, "
+                                               "celebrity, reverse, capacity, random_labels, "
+                                               "continual, "
                                                "continual-full) or a path to a YAML file"),
         out: Optional[Path] = typer.Option(None, "--out", help="run directory (default runs/NAME)"),
         force: bool = typer.Option(False, "--force", help="replace a run of another config"),
@@ -194,11 +195,22 @@ def run(ctx: typer.Context,
     target = out or Path("runs") / r.name
     results = run_recipe(r, target, force=force)
     t = RichTable(title=f"{r.name}: OOD QA accuracy (P_test)")
-    for col in ("cell", "OOD exact match", "ID exact match", "seconds"):
+    inverse = any("ood_inverse" in res for res in results)
+    cap = any("capacity" in res for res in results)
+    for col in ("cell", "OOD exact match", "ID exact match") + \
+            (("inverse OOD",) if inverse else ()) + \
+            (("bits stored", "bits/parameter") if cap else ()) + ("seconds",):
         t.add_column(col)
+
+    def pct(res, key):
+        return f"{res[key]['exact_match']:.1%}" if key in res else "–"
+
     for res in results:
-        t.add_row(res["cell"], f"{res['ood']['exact_match']:.1%}",
-                  f"{res['id']['exact_match']:.1%}", f"{res['seconds']:.0f}")
+        k = res.get("capacity") or {}
+        t.add_row(res["cell"], pct(res, "ood"), pct(res, "id"),
+                  *((pct(res, "ood_inverse"),) if inverse else ()),
+                  *((f"{k.get('bits', 0):,.0f}", f"{k.get('bits_per_param', 0):.3f}")
+                    if cap else ()), f"{res['seconds']:.0f}")
     console.print(t)
     console.print(f"report: {target / 'report.md'}")
 
@@ -314,6 +326,19 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
         console.print(f"{res['cell']:>16}: OOD {res['ood']['exact_match']:.1%}  "
                       f"ID {res['id']['exact_match']:.1%}")
     console.print(f"report: {out / 'report.md'}")
+
+
+@app.command("reproduce")
+def reproduce(runs: list[Path] = typer.Argument(..., help="run directories of fig3, mixed, "
+                                                 "celebrity, reverse, quickstart (any "
+                                                 "number; two runs of a recipe are two seeds)"),
+              out: Path = typer.Option(Path("reproduction.md"), help="the table to write")
+              ) -> None:
+    """One table of the paper's Part 3.1 numbers beside the measured ones (mean and spread
+    over the runs given, the scale of each), generated from run directories."""
+    from factlab.experiments.reproduction import write_reproduction
+
+    console.print(f"wrote {write_reproduction(runs, out)}")
 
 
 @model_app.command("import")

@@ -40,3 +40,58 @@ def test_bad_input():
         bits_stored({"a": np.zeros(1)}, {"a": 0})
     with pytest.raises(FactlabError, match="parameters must be >= 1"):
         bits_per_parameter(1.0, 0)
+
+
+def test_value_spans_cover_exactly_each_value_and_the_nll_is_the_models(tmp_path):
+    import torch
+
+    from factlab.corpus import CorpusConfig, make_corpus
+    from factlab.evaluate.capacity import pool_sizes, value_nll, value_spans
+    from factlab.model.build import build_model
+    from factlab.tokens import world_tokenizer
+
+    c = make_corpus(CorpusConfig(people=12, seed=3, unknown=0, augment="single"))
+    tok = world_tokenizer(c, vocab_size=600)
+    docs = c.bios()
+    ex, attr = value_spans(tok, docs)
+    assert len(ex) == 12 * 6
+    for q in range(len(ex)):
+        d, a = int(ex.doc[q]), int(attr[q])
+        toks = ex.example(q)[int(ex.answer_start[q]):]
+        s, e = docs.spans[d, a]
+        assert tok.decode(toks).strip() == docs.text[d][s:e]
+    model = build_model("gpt2-rope", "tiny", len(tok), 128, bos_id=tok.bos_token_id,
+                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0).eval()
+    nll = value_nll(model, tok, docs, batch_size=5)
+    assert set(nll) == set(c.attributes) and all(len(v) == 12 for v in nll.values())
+    # by hand for one value: the log-softmax of the full forward at the value's positions
+    q = 7
+    ids = torch.tensor(ex.example(q), dtype=torch.long)[None]
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    st = int(ex.answer_start[q])
+    hand = -sum(float(lp[t - 1, ids[0, t]]) for t in range(st, ids.shape[1]))
+    assert nll[c.attributes[int(attr[q])]][q // 6] == pytest.approx(hand, rel=1e-4)
+    sizes = pool_sizes(c.world)
+    assert sizes["company_city"] == 1 and sizes["birth_city"] == len(c.people.pools[1])
+
+
+def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
+    from factlab.experiments.recipe import load_recipe
+    from factlab.experiments.run import run_recipe
+
+    r = load_recipe("capacity", ["parallel=1", "only=w32-N1000-x100"])
+    cell = r.cells[0].model_copy(update={
+        "world": r.cells[0].world.model_copy(update={"people": 20}),
+        "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10})})
+    r.cells = [cell]
+    res = run_recipe(r, tmp_path, progress=False)[0]["capacity"]
+    assert res["people"] == 20 and res["exposures"] == pytest.approx(10 * 16 / 20)
+    sizes = {"birth_date": 12 * 28 * 200}  # every person's entropy, summed by hand
+    per_person = math.log2(sizes["birth_date"]) + math.log2(200) + math.log2(300) + \
+        math.log2(100) + math.log2(263)  # company city follows the employer: 0 bits
+    assert res["entropy_bits"] == pytest.approx(20 * per_person)
+    assert 0 <= res["bits"] <= res["entropy_bits"]
+    assert res["bits_per_param"] == pytest.approx(res["bits"] / res["params"])
+    assert (tmp_path / "capacity.png").is_file()
+    assert "Knowledge capacity" in (tmp_path / "report.md").read_text()

@@ -89,9 +89,15 @@ def test_positions_land_on_the_token_before_each_value(permuted):
 def test_q_inputs_are_start_name_end(permuted):
     w, tok = permuted
     ids, lens, pos = q_probe_inputs(w, tok, [3, 7])
+    enc = encode_docs(tok, w.bios())
     for row, p in enumerate([3, 7]):
         assert ids[row, 0] == tok.bos_token_id and ids[row, lens[row] - 1] == tok.eos_token_id
-        assert tok.decode(ids[row, 1:lens[row] - 1]) == w.people.names[p]
+        name = ids[row, 1:lens[row] - 1]
+        assert tok.decode(name).strip() == w.people.names[p]
+        # the name is the very tokens that open the person's bios (and sit in questions)
+        d = int(np.flatnonzero(np.asarray(w.bios().person) == p)[0])
+        assert w.bios().text[d].startswith(w.people.names[p])
+        assert np.array_equal(enc.doc(d)[:len(name)], name)
         assert pos[row, 0] == lens[row] - 1
 
 

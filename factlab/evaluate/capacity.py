@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -61,3 +62,63 @@ def bits_per_parameter(bits: float, parameters: int) -> float:
     if parameters < 1:
         raise FactlabError(f"capacity: parameters must be >= 1, got {parameters}")
     return float(bits) / int(parameters)
+
+
+def pool_sizes(world) -> dict[str, int]:
+    """D_a for every attribute of a world (a World or Corpus): its pool's size, 1 for an
+    attribute that follows another (``world.derived``: bioS's company city given the
+    employer)."""
+    table = world.people
+    derived = {d.attribute for d in getattr(world, "derived", ())}
+    return {a: 1 if i in derived else len(table.pools[i])
+            for i, a in enumerate(table.attributes)}
+
+
+@dataclass
+class _ValueSpans:
+    """Teacher-forced examples for :func:`~factlab.evaluate.score.score_encoded`: each is a
+    document's tokens up to the end of one value; the value's tokens are the 'answer'."""
+
+    ids: np.ndarray
+    offsets: np.ndarray  # document offsets into ids
+    doc: np.ndarray  # (M,) document of each example
+    answer_start: np.ndarray  # (M,) first value token within the document
+    lengths: np.ndarray  # (M,) one past the last value token
+
+    def __len__(self) -> int:
+        return len(self.doc)
+
+    def example(self, q: int) -> np.ndarray:
+        lo = int(self.offsets[self.doc[q]])
+        return self.ids[lo:lo + int(self.lengths[q])]
+
+
+def value_spans(tokenizer, docs) -> tuple[_ValueSpans, np.ndarray]:
+    """Every stated value of ``docs`` as a token range of its document (encoded as for
+    training, ``encode_docs``), and the attribute of each."""
+    from dataclasses import replace
+
+    from factlab.tokens.encode import encode_docs
+
+    enc = encode_docs(tokenizer, docs)
+    spans = np.asarray(docs.spans)
+    last = spans.copy()
+    last[..., 0] = np.where(spans[..., 0] >= 0, spans[..., 1] - 1, -1)
+    end = encode_docs(tokenizer, replace(docs, spans=last)).value_tok.astype(np.int64) + 1
+    start = enc.value_tok.astype(np.int64)
+    d, a = np.nonzero(start >= 0)
+    return _ValueSpans(enc.ids, enc.offsets, d, start[d, a], end[d, a]), a
+
+
+def value_nll(model, tokenizer, docs, *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """The model's summed NLL (nats) of every value's tokens in ``docs``, teacher-forced on
+    the document's text before it, per attribute in document order (documents that do
+    not state an attribute are skipped). The value's tokens run from the one holding its
+    first character (with byte-level BPE it includes the space before) to the one
+    holding its last; a last token that also holds the next character (rare: values end
+    before '.' or ',') is counted whole, which can only add loss."""
+    from factlab.evaluate.score import score_encoded
+
+    ex, a = value_spans(tokenizer, docs)
+    nll = score_encoded(model, ex, batch_size=batch_size).nll
+    return {attr: nll[a == k] for k, attr in enumerate(docs.attributes) if (a == k).any()}

@@ -23,7 +23,8 @@ class TokenizerConfig(Strict):
 
 class ModelConfig(Strict):
     arch: str = "gpt2-rope"  # gpt2-rope | llama
-    size: str = "small"  # tiny | small | gpt2-small | gpt2-302m
+    # tiny | small | gpt2-small | gpt2-302m, or {layers, heads, width[, intermediate]}
+    size: str | dict[str, int] = "small"
     context: int = Field(128, ge=16)
     # a local model directory instead of a fresh model: HF, peft adapter or factlab
     # wrapper (factlab.model.load.load_any); `factlab model import` makes one from a GGUF

@@ -6,6 +6,7 @@ shared state (torchtune-recipe style: read top to bottom, no inheritance).
     mixed      bios and QA mixed from the start               -> CELL/mixed/
     probe      P-/Q-probes of the pretrained model            -> CELL/probe_{p,q}*
     extract    exact-match QA extraction: ID, OOD, paraphrase -> CELL/predictions_*.jsonl
+    capacity   bits of knowledge stored (Part 3.3)            -> CELL/result.json
 
 ``CellConfig.stages`` names them in order (default from ``regime``: pretrain, finetune
 -- or mixed --, then probe when configured, then extract). Each stage registers the report
@@ -18,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 
 @dataclass
@@ -167,6 +170,50 @@ def probe(run: CellRun) -> None:
     _log(f"{run.tag} probing ({', '.join(run.cell.probe.kinds)}) the pretrained model")
     run.result["probe"] = probe_cell(run.cell, run.dir, run.world, run.tok,
                                      progress=run.progress)
+
+
+def _capacity_section(out, recipe, results, cells):
+    from factlab.experiments.capacity_report import capacity_section
+
+    return capacity_section(out, results, cells)
+
+
+@stage("capacity", section=_capacity_section)
+def capacity(run: CellRun) -> None:
+    """Part 3.3's bits of knowledge stored by the pretrained model: from its loss on every
+    person's values in their first bio, against the values' entropy under the world's
+    uniform draws (``factlab.evaluate.capacity``)."""
+    from factlab.evaluate.capacity import bits_per_parameter, bits_stored, pool_sizes, value_nll
+    from factlab.experiments.recipe import packing_segments
+
+    if not run.is_main:
+        return
+    c, w = run.cell, run.world
+    from factlab.text.documents import Docs
+
+    docs = w.bios()
+    first = np.flatnonzero(np.asarray(docs.entry) == 0)  # each person once
+    one = docs if len(first) == len(docs) else Docs(
+        [docs.text[i] for i in first.tolist()], docs.person[first], docs.entry[first],
+        docs.spans[first], docs.attributes)
+    nll = value_nll(run.model, run.tok, one, batch_size=c.eval.batch_size)
+    got = bits_stored(nll, pool_sizes(w.world))
+    params = int(sum(p.numel() for p in run.model.parameters()))
+    emb = run.model.get_input_embeddings().weight.numel()
+    # bio views per person: a whole-packed row is one bio; any other packing fills each
+    # row with `context` tokens of bios
+    rows = c.pretrain.steps * c.pretrain.batch_size
+    n_people = len(w.people)
+    views = 0.0
+    for packing, steps in packing_segments(c.packing, c.pretrain.steps):
+        r = steps * c.pretrain.batch_size
+        views += r / n_people if packing == "whole" else \
+            r * c.model.context / int(run.enc_docs.lengths.sum()) * len(docs) / n_people
+    got.update(params=params, non_embedding_params=params - emb, exposures=views,
+               rows=rows, people=n_people, bits_per_param=bits_per_parameter(got["bits"], params))
+    run.result["capacity"] = got
+    _log(f"{run.tag} capacity: {got['bits']:,.0f} of {got['entropy_bits']:,.0f} bits "
+         f"({got['bits_per_param']:.3f} bits/parameter, {views:.0f} exposures)")
 
 
 def _extraction_section(out, recipe, results, cells):

@@ -245,9 +245,16 @@ def p_probe_inputs(world, tokenizer, people, *, context: int, entry: int = 0):
 
 def q_probe_inputs(world, tokenizer, people):
     """``(input_ids, lengths, positions)`` for Q-probing: ``<bos> full name <eos>``, read at
-    the final ``<eos>``."""
+    the final ``<eos>``. The name is encoded after :func:`~factlab.tokens.encode.doc_prefix`
+    (a space for byte-level BPE), as in every bio and question the model was trained on:
+    without it the first name is other tokens (``C|al|eb`` instead of `` Caleb``) and
+    the probe reads a name the model never saw (it read chance on the quickstart's
+    models)."""
+    from factlab.tokens.encode import doc_prefix
+
     people = np.asarray(people, dtype=np.int64)
-    names = [world.people.names[i] for i in people.tolist()]
+    pre = doc_prefix(tokenizer)
+    names = [pre + world.people.names[i] for i in people.tolist()]
     enc = tokenizer(names, add_special_tokens=False)["input_ids"] if names else []
     eos = tokenizer.eos_token_id
     if eos is None:

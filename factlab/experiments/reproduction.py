@@ -1,0 +1,264 @@
+"""One reproduction table from run directories: every Part 3.1 (and 3.2 inverse-search)
+number the paper reports beside the measured one, the mean and spread over the runs
+(seeds) given, and the scale each was measured at. ``factlab reproduce RUN... --out
+docs/reproduction.md`` writes it; nothing in it is typed by hand.
+
+Runs are grouped by recipe name and cell name; two runs of the same recipe are two
+seeds (or settings: the table prints each run's seed, and the scale table every distinct
+setting). A recipe with no run given is listed as not run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from factlab.errors import FactlabError
+from factlab.experiments.paper import PAPER_OOD_MEAN, PAPER_Q_PROBE, paper_inverse_note
+from factlab.experiments.report import bio_memorised
+from factlab.io import atomic_write_text
+
+# pairs of Figure 3 cells the paper puts at least this many points apart must keep their
+# order on the mean over seeds; closer pairs are reported with their spread
+STRICT_GAP = 20.0
+FIG3 = ["single+permute1", "single", "multi5", "single+permute5", "multi5+permute",
+        "single+fullname", "multi5+permute+fullname"]
+PAPER_BIOS_PEOPLE, PAPER_PARAMS = 100_000, 124_000_000
+
+
+@dataclass
+class Run:
+    dir: Path
+    recipe: object  # factlab.experiments.recipe.Recipe
+    results: list[dict]
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    def cell(self, name: str):
+        return next((c for c in self.recipe.cells if c.name == name), None)
+
+    def result(self, name: str) -> dict | None:
+        return next((r for r in self.results if r["cell"] == name), None)
+
+    def seed(self, name: str) -> str:
+        c = self.cell(name)
+        return f"{c.world.seed}/{c.pretrain.seed}" if c is not None else "?"
+
+
+def load_run(path: str | Path) -> Run:
+    from factlab.config import build, load_yaml
+    from factlab.experiments.recipe import Recipe
+
+    p = Path(path)
+    if not (p / "results.json").is_file() or not (p / "recipe.yaml").is_file():
+        raise FactlabError(f"{p}: not a finished run directory (needs recipe.yaml and "
+                           f"results.json; `factlab run RECIPE --out {p}` makes one)")
+    recipe = build(Recipe, load_yaml(p / "recipe.yaml"), source=str(p / "recipe.yaml"))
+    results = json.loads((p / "results.json").read_text())
+    return Run(p, recipe, results)
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _stats(vals: list[float]) -> tuple[float | None, float | None]:
+    """Mean and spread (half the range) of fractions, in percent."""
+    v = [100 * x for x in vals if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), (max(v) - min(v)) / 2
+
+
+def _mean_spread(vals) -> str:
+    m, s = _stats(vals)
+    if m is None:
+        return "–"
+    return f"{m:.1f}" if len(vals) < 2 else f"{m:.1f} ± {s:.1f}"
+
+
+def _cells(runs: list[Run], recipe: str, cell: str) -> list[tuple[Run, dict]]:
+    return [(r, res) for r in runs if r.name == recipe
+            for res in [r.result(cell)] if res is not None]
+
+
+def _reason(runs_cells, ours: float | None, paper: float | None) -> str:
+    """A measured reason where ours and the paper's differ by more than 10 points."""
+    if ours is None or paper is None or abs(ours - paper) <= 10:
+        return ""
+    mem = [bio_memorised(res) for _, res in runs_cells]
+    mem = [m for m in mem if m is not None]
+    if mem and min(mem) < 0.9:
+        return f"bios only {100 * min(mem):.0f}% memorised"
+    _, res = runs_cells[0]
+    return (f"scale: {res['people']:,} people (paper {PAPER_BIOS_PEOPLE:,}), "
+            f"{res['params'] / 1e6:.1f}M parameters (paper 124M)")
+
+
+def _row(runs_cells, key: str = "ood") -> tuple[list[float], str]:
+    vals = [res[key]["exact_match"] for _, res in runs_cells if key in res]
+    per = ", ".join(f"{_pct(res[key]['exact_match'])} (seed {r.seed(res['cell'])})"
+                    for r, res in runs_cells if key in res)
+    return vals, per
+
+
+def _grid(runs: list[Run], recipe: str, cells: list[str], paper: dict[str, float | None],
+          title: str) -> list[str]:
+    lines = [f"## {title}", "",
+             "| cell | paper OOD | **factlab OOD** (mean ± half-range) | each run | bios "
+             "memorised | reason for a gap |", "|---|---|---|---|---|---|"]
+    for name in cells:
+        rc = _cells(runs, recipe, name)
+        if not rc:
+            continue
+        vals, per = _row(rc)
+        mean, _ = _stats(vals)
+        p = paper.get(name)
+        mem = _mean_spread([bio_memorised(res) for _, res in rc])
+        lines.append(f"| {name} | {'–' if p is None else f'{p:.1f}'} | "
+                     f"**{_mean_spread(vals)}** | {per} | {mem} | {_reason(rc, mean, p)} |")
+    return lines + [""]
+
+
+def _ordering(runs: list[Run]) -> list[str]:
+    means = {}
+    for name in FIG3:
+        if name in PAPER_OOD_MEAN:
+            m, s = _stats([res["ood"]["exact_match"] for _, res in _cells(runs, "fig3", name)])
+            if m is not None:
+                means[name] = (m, s)
+    names = [n for n in FIG3 if n in means]
+    if len(names) < 2:
+        return []
+    lines = ["### The Figure 3 ordering", "",
+             f"Every pair of cells the paper measured; pairs it puts ≥ {STRICT_GAP:.0f} points "
+             "apart must keep its order on the mean (*strict*), closer pairs are shown with "
+             "their spread.", "",
+             "| lower (paper) | higher (paper) | paper gap | factlab gap | kind | held |",
+             "|---|---|---|---|---|---|"]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            lo, hi = sorted((a, b), key=lambda n: PAPER_OOD_MEAN[n])
+            gap = PAPER_OOD_MEAN[hi] - PAPER_OOD_MEAN[lo]
+            ours = means[hi][0] - means[lo][0]
+            spread = means[hi][1] + means[lo][1]
+            strict = gap >= STRICT_GAP
+            held = "yes" if ours > 0 else "**no**"
+            lines.append(f"| {lo} ({PAPER_OOD_MEAN[lo]:.1f}) | {hi} ({PAPER_OOD_MEAN[hi]:.1f})"
+                         f" | {gap:.1f} | {ours:+.1f} (spread {spread:.1f}) | "
+                         f"{'strict' if strict else 'close'} | {held} |")
+    return lines + [""]
+
+
+def _inverse(runs: list[Run]) -> list[str]:
+    rows = [(r, res) for r in runs if r.name == "reverse" for res in r.results
+            if "ood_inverse" in res]
+    if not rows:
+        return []
+    lines = ["## Inverse search (Part 3.2, `reverse`)", "",
+             "| cell | bios | paper, inverse | **inverse OOD** | each run | forward OOD | "
+             "bios memorised |", "|---|---|---|---|---|---|---|"]
+    for name in dict.fromkeys(res["cell"] for _, res in rows):
+        rc = [(r, res) for r, res in rows if res["cell"] == name]
+        vals, per = _row(rc, "ood_inverse")
+        fwd, _ = _row(rc, "ood")
+        lines.append(f"| {name} | {rc[0][1]['augment']} | {paper_inverse_note(rc[0][0].cell(name))}"
+                     f" | **{_mean_spread(vals)}** | {per} | {_mean_spread(fwd)} | "
+                     f"{_mean_spread([bio_memorised(res) for _, res in rc])} |")
+    return lines + [""]
+
+
+def _probes(runs: list[Run]) -> list[str]:
+    rows = [(r, res) for r in runs for res in r.results if (res.get("probe") or {}).get("q")]
+    if not rows:
+        return ["## Probes", "", "No run given here was probed (`probe.kinds=[p,q]` adds "
+                "the probe stage to a recipe's cells).", ""]
+    attrs = list(next(iter(PAPER_Q_PROBE.values())))
+    lines = ["## Q-probe (whole value, held-out people, %)", "",
+             "| run / cell | " + " | ".join(attrs) + " | OOD QA |",
+             "|---" * (len(attrs) + 2) + "|"]
+    for r, res in rows:
+        got = {t["attribute"]: t["test"][0] for t in res["probe"]["q"]["tasks"]
+               if t["target"] == "value"}
+        pap = PAPER_Q_PROBE.get(res["augment"], {})
+        lines.append(f"| {r.name} / {res['cell']} | " + " | ".join(
+            _pct(got.get(a)) + (f" (paper {pap[a]:.1f})" if a in pap else "") for a in attrs)
+            + f" | {_pct(res['ood']['exact_match'])} |")
+    return lines + [""]
+
+
+def _scale(runs: list[Run]) -> list[str]:
+    lines = ["## Scale of every run", "",
+             "| run | recipe | cells | people | parameters | pretrain steps × batch | "
+             "finetune steps × batch | context | wall time per cell (mean) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        c = r.recipe.cells[0]
+        steps = sorted({x.pretrain.steps for x in r.recipe.cells})
+        secs = [res["seconds"] for res in r.results]
+        lines.append(f"| `{r.dir.name}` | {r.name} | {len(r.results)} | "
+                     f"{', '.join(sorted({str(res['people']) for res in r.results}))} | "
+                     f"{max(res['params'] for res in r.results):,} | "
+                     f"{'/'.join(map(str, steps))} × {c.pretrain.batch_size} | "
+                     f"{c.finetune.steps} × {c.finetune.batch_size} ({c.finetune.mode}) | "
+                     f"{c.model.context} | {np.mean(secs) / 60:.1f} min |")
+    return lines + ["", f"The paper: GPT-2 small ({PAPER_PARAMS / 1e6:.0f}M parameters), "
+                    f"{PAPER_BIOS_PEOPLE:,} people, 80,000 pretraining steps × 96 sequences of "
+                    "512 tokens.", ""]
+
+
+def reproduction_lines(runs: list[Run]) -> list[str]:
+    names = {r.name for r in runs}
+    lines = ["# Reproduction: Physics of LM Part 3.1 (and 3.2's inverse search)", "",
+             "Generated by `factlab reproduce` from the run directories below; every number "
+             "is measured (OOD: exact match of the whole answer on P_test people, %). "
+             "*± x*: half the range over the runs given.", ""]
+    fig3 = {n: PAPER_OOD_MEAN.get(n) for n in FIG3}
+    if "fig3" in names:
+        lines += _grid(runs, "fig3", FIG3, fig3, "Figure 3: the augmentation grid (`fig3`)")
+        lines += _ordering(runs)
+    if "quickstart" in names:
+        lines += _grid(runs, "quickstart", ["single", "multi5+permute"], fig3,
+                       "The quickstart's two cells")
+    if "mixed" in names:
+        cfg = {c.name: c for r in runs if r.name == "mixed" for c in r.recipe.cells}
+        cells = list(dict.fromkeys(res["cell"] for r in runs if r.name == "mixed"
+                                   for res in r.results))
+
+        def paper_of(c):  # the paper's mixed number is at QA_r = 0.8, bioS single
+            if c.world.augment != "single":
+                return None
+            if c.regime != "mixed":
+                return PAPER_OOD_MEAN["single"]
+            return PAPER_OOD_MEAN["mixed:single"] if abs(c.qa_ratio - 0.8) < 1e-9 else None
+
+        paper = {n: paper_of(cfg[n]) for n in cells}
+        lines += _grid(runs, "mixed", cells, paper,
+                       "Mixed training on bioS single (`mixed`; paper's mixed number is at "
+                       "QA_r = 0.8)")
+    if "celebrity" in names:
+        lines += _grid(runs, "celebrity", ["minority-alone", "with-celebrities"],
+                       {"minority-alone": PAPER_OOD_MEAN["single+permute1"],
+                        "with-celebrities": PAPER_OOD_MEAN["celebrity"]},
+                       "Celebrities help the minority (`celebrity`; OOD on minority people)")
+    lines += _inverse(runs)
+    lines += _probes(runs)
+    missing = [n for n in ("fig3", "mixed", "celebrity", "reverse") if n not in names]
+    if missing:
+        lines += ["Not run here: " + ", ".join(f"`{n}`" for n in missing) + ".", ""]
+    lines += _scale(runs)
+    return lines
+
+
+def write_reproduction(dirs, out: str | Path) -> Path:
+    runs = [load_run(d) for d in dirs]
+    if not runs:
+        raise FactlabError("reproduce: give at least one run directory")
+    out = Path(out)
+    atomic_write_text(out, "\n".join(reproduction_lines(runs)))
+    return out

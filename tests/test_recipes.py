@@ -1,0 +1,66 @@
+"""Each shipped recipe's effect at its own (CPU) scale. Slow: each runs the whole recipe
+(the README's "Recipes at CPU scale" table says how long); whoever changes a recipe runs
+its test and puts the result in the note. Measured numbers: docs/extraction.md."""
+
+import pytest
+
+from factlab.experiments.recipe import load_recipe
+from factlab.experiments.report import bio_memorised
+from factlab.experiments.run import run_recipe
+
+
+def _run(tmp_path, name, overrides=()):
+    return {r["cell"]: r for r in run_recipe(load_recipe(name, list(overrides)), tmp_path,
+                                             progress=False)}
+
+
+def _ood(r):
+    return r["ood"]["exact_match"]
+
+
+# seed 0, 2026-12-02 (OOD %): single 10.2, single+permute1 12.2, multi5 31.0,
+# single+permute5 28.1, multi5+permute 84.1; every cell's bios >= 94.5% memorised
+@pytest.mark.slow
+def test_fig3_augmentation_makes_knowledge_extractable(tmp_path):
+    res = _run(tmp_path, "fig3",
+               ["only=single,single+permute1,single+permute5,multi5,multi5+permute"])
+    for r in res.values():
+        assert bio_memorised(r) >= 0.9, r["cell"]  # extraction, not recall, is measured
+    single, p1, p5, m5, m5p = (_ood(res[k]) for k in (
+        "single", "single+permute1", "single+permute5", "multi5", "multi5+permute"))
+    assert single <= 0.2 and p1 <= 0.2
+    assert m5 >= single + 0.1 and p5 >= single + 0.1  # any augmentation helps
+    assert m5p >= 0.7 and m5p >= max(m5, p5) + 0.3  # both together help most
+
+
+# Measured 2026-12-02 (400 people, every cell 2,500 bio batches): pretrain + finetune
+# 10.2%, mixed QA_r 0.5 13.3%, QA_r 0.8 10.5% (ID 100%: P_train's answers memorised as
+# facts of their own). The paper's effect (86.6% vs 9.7%) does not show at this scale.
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="mixed training does not beat pretrain + finetune "
+                   "at 400 people (measured 10.5% vs 10.2%); docs/extraction.md")
+def test_mixed_training_beats_pretrain_then_finetune(tmp_path):
+    res = _run(tmp_path, "mixed")
+    assert _ood(res["qa_r=0.8"]) >= _ood(res["pretrain+finetune"]) + 0.2
+
+
+# seed 0, 2026-12-02: the minority's OOD 12.2% alone vs 19.6% with celebrities (paper
+# 4.4% -> 86.8%); minority bios 100% / 95.7% memorised. The direction, much smaller.
+@pytest.mark.slow
+def test_celebrities_help_the_minority(tmp_path):
+    res = _run(tmp_path, "celebrity")
+    alone, helped = res["minority-alone"], res["with-celebrities"]
+    assert bio_memorised(alone) >= 0.9 and bio_memorised(helped) >= 0.9
+    assert _ood(helped) >= _ood(alone) + 0.05
+
+
+# seed 0, 2026-12-02 (10 min): inverse OOD 0.0% name-first vs 48.5% name-last; forward
+# OOD the mirror image, 82.5% vs 3.0% (Part 3.2: knowledge is stored in the direction
+# it is written)
+@pytest.mark.slow
+def test_inverse_search_needs_the_name_written_last(tmp_path):
+    res = _run(tmp_path, "reverse")
+    first, last = res["name-first"], res["name-last"]
+    assert first["ood_inverse"]["exact_match"] <= 0.05
+    assert last["ood_inverse"]["exact_match"] >= 0.3
+    assert _ood(first) >= 0.7 and _ood(last) <= 0.1

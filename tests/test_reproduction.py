@@ -1,0 +1,63 @@
+"""The reproduction table: built from run directories, means and spreads over seeds, the
+Figure 3 ordering check, and a clear error for a directory that is not a run."""
+
+import json
+
+import pytest
+import yaml
+
+from factlab.errors import FactlabError
+from factlab.experiments.recipe import load_recipe
+from factlab.experiments.reproduction import load_run, reproduction_lines
+
+
+def _run(tmp_path, name, recipe, seed, ood: dict, extra=None):
+    r = load_recipe(recipe, [f"world.seed={seed}", f"pretrain.seed={seed}"])
+    d = tmp_path / name
+    d.mkdir()
+    (d / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
+    results = []
+    for c in r.cells:
+        if c.name not in ood:
+            continue
+        res = {"cell": c.name, "regime": c.regime, "augment": c.world.augment,
+               "people": 400, "params": 1_300_000, "seconds": 60.0,
+               "ood": {"exact_match": ood[c.name], "per_attribute": {}},
+               "id": {"exact_match": 1.0}, "id_paraphrase": {"exact_match": 0.5},
+               "curves": {"pretrain": [{"step": 10, "eval/bio_first_token/test": 0.95}]},
+               "loss": {}, "tokens_per_s": {}}
+        res.update((extra or {}).get(c.name, {}))
+        results.append(res)
+    (d / "results.json").write_text(json.dumps(results))
+    return d
+
+
+def test_table_has_means_spreads_and_the_ordering(tmp_path):
+    a = _run(tmp_path, "s0", "fig3", 0, {"single": 0.10, "multi5": 0.30,
+                                          "single+permute5": 0.28, "multi5+permute": 0.84})
+    b = _run(tmp_path, "s1", "fig3", 1, {"single": 0.12, "multi5": 0.36,
+                                          "single+permute5": 0.30, "multi5+permute": 0.80})
+    inv = {"name-first": {"ood_inverse": {"exact_match": 0.0}},
+           "name-last": {"ood_inverse": {"exact_match": 0.5}}}
+    c = _run(tmp_path, "rev", "reverse", 0, {"name-first": 0.8, "name-last": 0.1}, inv)
+    text = "\n".join(reproduction_lines([load_run(a), load_run(b), load_run(c)]))
+    # single: mean 11.0, half-range 1.0, both seeds listed, paper 9.7
+    assert "| single | 9.7 | **11.0 ± 1.0** | 10.0 (seed 0/0), 12.0 (seed 1/1) | 95.0 ± 0.0 |" \
+        in text
+    # multi5 (paper 41) above single+permute5 (paper 70) on the mean: a strict pair broken
+    row = next(ln for ln in text.splitlines()
+               if ln.startswith("| multi5 (41.0) | single+permute5 (70.0)"))
+    assert "strict" in row and "**no**" in row and "-4.0" in row
+    row = next(ln for ln in text.splitlines()
+               if ln.startswith("| single (9.7) | multi5+permute (96.6)"))
+    assert "strict" in row and "| yes |" in row
+    # multi5+permute 82 vs paper 96.6 (>10 points), bios memorised >= 90%: the scale
+    assert "scale: 400 people (paper 100,000)" in text
+    assert "| name-last | multi5+permute+reverse | works" in text and "**50.0**" in text
+    assert "Not run here: `mixed`, `celebrity`." in text
+    assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 2500 × 8" in text
+
+
+def test_not_a_run_directory(tmp_path):
+    with pytest.raises(FactlabError, match="not a finished run directory"):
+        load_run(tmp_path)
