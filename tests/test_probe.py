@@ -99,6 +99,11 @@ def test_q_inputs_are_start_name_end(permuted):
         assert w.bios().text[d].startswith(w.people.names[p])
         assert np.array_equal(enc.doc(d)[:len(name)], name)
         assert pos[row, 0] == lens[row] - 1
+    # read at the name's last token instead: the same rows without the <eos>
+    ids2, lens2, pos2 = q_probe_inputs(w, tok, [3, 7], read="name")
+    assert np.array_equal(lens2, lens - 1) and np.array_equal(pos2[:, 0], lens - 2)
+    for row in range(2):
+        assert np.array_equal(ids2[row, :lens2[row]], ids[row, :lens[row] - 1])
 
 
 def test_tasks_and_labels(permuted):

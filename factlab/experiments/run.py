@@ -107,19 +107,26 @@ def run_cell(cell: CellConfig, cell_dir: Path, progress: bool = True) -> dict:
     """Run the cell's stages in order (``factlab.experiments.stages``); returns (and
     writes) its result."""
     import torch
-
-    from factlab.evaluate.curves import Curves
-    from factlab.experiments.stages import STAGES, CellRun
-    from factlab.model.build import flops_per_token
-    from factlab.tokens.encode import encode_docs
-
     from accelerate import PartialState
 
     t0 = time.perf_counter()
     state = PartialState()  # under `accelerate launch`: rank 0 writes, the others read
     cell_dir.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
     if cell.model.threads:
         torch.set_num_threads(cell.model.threads)
+    try:
+        return _run_cell(cell, cell_dir, progress, state, t0)
+    finally:  # a cell run in-process leaves the caller's thread count as it was
+        torch.set_num_threads(threads)
+
+
+def _run_cell(cell: CellConfig, cell_dir: Path, progress: bool, state, t0: float) -> dict:
+    from factlab.evaluate.curves import Curves
+    from factlab.experiments.stages import STAGES, CellRun
+    from factlab.model.build import flops_per_token
+    from factlab.tokens.encode import encode_docs
+
     with state.main_process_first():
         world = prepare_world(cell, cell_dir)
         tok = prepare_tokenizer(cell, cell_dir, world)

@@ -35,6 +35,10 @@ class ProbeSettings(Strict):
     people: int | None = Field(None, ge=4, description="cap on the people probed")
     train_fraction: float = Field(0.5, gt=0, lt=1)  # people the probe trains on
     entry: int = Field(0, ge=0)  # P-probing: which bio entry of each person is fed
+    # Q-probing's read position: end (the paper's: "<bos> name <eos>", read at <eos>) or
+    # name (no <eos>: read at the name's last token, where a model that never saw <eos>
+    # after a name in training holds what it knows of the person)
+    q_read: str = "end"
     seed: int = 0
     eval_batch_size: int = Field(256, ge=1)
     precision: str = "auto"  # as TrainConfig: bf16 on GPUs that have it, fp32 on CPU
@@ -45,6 +49,13 @@ class ProbeSettings(Strict):
     def _norm(cls, v):
         if v is not None and v not in NORMS:
             raise ValueError(f"must be one of {', '.join(NORMS)}")
+        return v
+
+    @field_validator("q_read")
+    @classmethod
+    def _q_read(cls, v):
+        if v not in ("end", "name"):
+            raise ValueError("must be 'end' or 'name'")
         return v
 
     @field_validator("embedding")

@@ -243,13 +243,13 @@ def p_probe_inputs(world, tokenizer, people, *, context: int, entry: int = 0):
     return ids, lens.astype(np.int64), pos, order
 
 
-def q_probe_inputs(world, tokenizer, people):
+def q_probe_inputs(world, tokenizer, people, read: str = "end"):
     """``(input_ids, lengths, positions)`` for Q-probing: ``<bos> full name <eos>``, read at
     the final ``<eos>``. The name is encoded after :func:`~factlab.tokens.encode.doc_prefix`
     (a space for byte-level BPE), as in every bio and question the model was trained on:
     without it the first name is other tokens (``C|al|eb`` instead of `` Caleb``) and
     the probe reads a name the model never saw (it read chance on the quickstart's
-    models)."""
+    models). ``read="name"``: no ``<eos>``, read at the name's last token."""
     from factlab.tokens.encode import doc_prefix
 
     people = np.asarray(people, dtype=np.int64)
@@ -259,7 +259,8 @@ def q_probe_inputs(world, tokenizer, people):
     eos = tokenizer.eos_token_id
     if eos is None:
         raise FactlabError("tokenizer has no eos token (Q-probing ends the name with it)")
-    rows = [[_bos(tokenizer), *e, int(eos)] for e in enc]
+    end = [int(eos)] if read == "end" else []
+    rows = [[_bos(tokenizer), *e, *end] for e in enc]
     lens = np.array([len(r) for r in rows], dtype=np.int64)
     ids = np.full((len(rows), int(lens.max()) if len(rows) else 1), _pad(tokenizer), np.int64)
     for i, r in enumerate(rows):
@@ -268,7 +269,8 @@ def q_probe_inputs(world, tokenizer, people):
 
 
 def probe_data(world, tokenizer, kind: str, train_people, test_people, *, context: int,
-               entry: int = 0, tasks: list[str] | None = None) -> ProbeData:
+               entry: int = 0, tasks: list[str] | None = None,
+               q_read: str = "end") -> ProbeData:
     """Inputs, positions and targets for ``train_people`` + ``test_people`` (disjoint)."""
     train_people = np.asarray(train_people, dtype=np.int64)
     test_people = np.asarray(test_people, dtype=np.int64)
@@ -282,11 +284,11 @@ def probe_data(world, tokenizer, kind: str, train_people, test_people, *, contex
                                                entry=entry)
         names = [f"p{k + 1}" for k in range(pos.shape[1])]
     elif kind == "q":
-        ids, lens, pos = q_probe_inputs(world, tokenizer, people)
+        ids, lens, pos = q_probe_inputs(world, tokenizer, people, q_read)
         if lens.max(initial=0) > context:
             raise FactlabError(f"a name is {int(lens.max())} tokens with <bos>/<eos>, longer "
                                f"than the model's context {context}")
-        names = ["end"]
+        names = [q_read]
     else:
         raise FactlabError(f"unknown probe kind {kind!r} (p or q)")
     return ProbeData(kind, ids, lens, pos, names, targets, people, task_list, _pad(tokenizer),

@@ -181,7 +181,7 @@ def prepare(world, tokenizer, cfg: ProbeConfig, context: int) -> ProbeData:
     cfg = cfg.resolved()
     train, test = split_people(len(world.people), cfg.train_fraction, cfg.seed, cfg.people)
     return probe_data(world, tokenizer, cfg.kind, train, test, context=context,
-                      entry=cfg.entry, tasks=cfg.tasks)
+                      entry=cfg.entry, tasks=cfg.tasks, q_read=cfg.q_read)
 
 
 # --------------------------------------------------------------------------- recipes
