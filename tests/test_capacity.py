@@ -80,13 +80,13 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     from factlab.experiments.recipe import load_recipe
     from factlab.experiments.run import run_recipe
 
-    r = load_recipe("capacity", ["parallel=1", "only=w32-N1000-x100"])
+    r = load_recipe("capacity", ["parallel=1", "only=w32-N2000-x100"])
     cell = r.cells[0].model_copy(update={
         "world": r.cells[0].world.model_copy(update={"people": 20}),
         "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10})})
     r.cells = [cell]
     res = run_recipe(r, tmp_path, progress=False)[0]["capacity"]
-    assert res["people"] == 20 and res["exposures"] == pytest.approx(10 * 16 / 20)
+    assert res["people"] == 20 and res["exposures"] == pytest.approx(10 * 64 / 20)
     sizes = {"birth_date": 12 * 28 * 200}  # every person's entropy, summed by hand
     per_person = math.log2(sizes["birth_date"]) + math.log2(200) + math.log2(300) + \
         math.log2(100) + math.log2(263)  # company city follows the employer: 0 bits
@@ -95,3 +95,33 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     assert res["bits_per_param"] == pytest.approx(res["bits"] / res["params"])
     assert (tmp_path / "capacity.png").is_file()
     assert "Knowledge capacity" in (tmp_path / "report.md").read_text()
+
+
+def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0):
+    return {"cell": cell, "capacity": {
+        "people": people, "params": params, "non_embedding_params": params // 2,
+        "exposures": exposures, "bits": bits, "entropy_bits": entropy,
+        "fraction": bits / entropy, "bits_per_param": bits / params}}
+
+
+def test_saturation_labels_each_point_from_its_neighbours_in_exposures():
+    from factlab.experiments.capacity_report import capacity_table, saturation
+
+    # 10k -> 20k (more than 5% more: the first is below capacity) -> 20.5k (within 5%:
+    # saturated, and so is the 20k point that more exposures did not raise)
+    rows = [_cap("c", 20_500, 1000), _cap("a", 10_000, 100), _cap("b", 20_000, 300)]
+    assert saturation(rows) == {"a": "below capacity", "b": "saturated", "c": "saturated"}
+    # still rising at the most exposures
+    rows = [_cap("a", 10_000, 100), _cap("b", 20_000, 300), _cap("c", 30_000, 1000)]
+    assert saturation(rows) == {"a": "below capacity", "b": "below capacity",
+                                "c": "still rising"}
+    # a model that stores > 90% of its world is limited by the world; a different model
+    # size is its own group, and alone it is unknown
+    rows = [_cap("w", 66_000, 100), _cap("w2", 67_000, 300), _cap("big", 5_000, 100,
+                                                                   params=91_000)]
+    assert saturation(rows) == {"w": "world-limited", "w2": "world-limited",
+                                "big": "unknown"}
+    text = "\n".join(capacity_table([_cap("a", 10_000, 100), _cap("b", 20_000, 1000)]))
+    assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000 |" in text
+    assert "≈ 1 (100 exposures) | below capacity |" in text
+    assert "≈ 2 (1,000 exposures) | still rising |" in text

@@ -3,7 +3,6 @@ as pure functions, and bad input (one error, exit 2, nothing written)."""
 
 import json
 
-import numpy as np
 import pytest
 
 from factlab.corpus.store import save_world

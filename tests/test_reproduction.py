@@ -54,10 +54,23 @@ def test_table_has_means_spreads_and_the_ordering(tmp_path):
     # multi5+permute 82 vs paper 96.6 (>10 points), bios memorised >= 90%: the scale
     assert "scale: 400 people (paper 100,000)" in text
     assert "| name-last | multi5+permute+reverse | works" in text and "**50.0**" in text
-    assert "Not run here: `mixed`, `celebrity`." in text
+    assert "Not run here: `mixed`, `celebrity`, `capacity`." in text
     assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 2500 × 8" in text
 
 
 def test_not_a_run_directory(tmp_path):
     with pytest.raises(FactlabError, match="not a finished run directory"):
         load_run(tmp_path)
+
+
+def test_capacity_runs_enter_the_table(tmp_path):
+    cap = {"w16-N1500-x100": {"capacity": {
+        "people": 1500, "params": 23_000, "non_embedding_params": 12_000, "exposures": 100,
+        "bits": 10_000.0, "entropy_bits": 70_000.0, "fraction": 1 / 7,
+        "bits_per_param": 10_000 / 23_000}}}
+    d = _run(tmp_path, "cap", "capacity", 0, {"w16-N1500-x100": 0.0}, cap)
+    text = "\n".join(reproduction_lines([load_run(d)]))
+    assert "## Knowledge capacity (Part 3.3" in text
+    assert "| cap / w16-N1500-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
+        "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
+    assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]

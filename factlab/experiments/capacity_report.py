@@ -5,12 +5,67 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# more exposures that raise a model's bits by less than this (relative) mean its capacity
+# is reached (the paper's "saturation"); above it the point is below capacity
+SATURATED_GAIN = 0.05
+# the paper's bits per parameter at its two exposure levels (Part 3.3, GPT-2, bioS(N))
+PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
+
+
+def saturation(rows: list[dict]) -> dict[str, str]:
+    """For each capacity cell (``{"cell", "capacity": {...}}``): ``saturated`` when the same
+    model size on the same world with fewer exposures stored within SATURATED_GAIN of its
+    bits (or one with more exposures stored no more), ``world-limited`` when it stores
+    > 90% of its world, ``below capacity`` when a run with more exposures stores more by
+    over SATURATED_GAIN, ``still rising`` for the most exposed run of a group whose bits
+    still rose, ``unknown`` with no run at another exposure count."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        k = r["capacity"]
+        by.setdefault((k["params"], k["people"]), []).append(r)
+    out = {}
+    for group in by.values():
+        group.sort(key=lambda r: r["capacity"]["exposures"])
+        for i, r in enumerate(group):
+            k = r["capacity"]
+            if k["fraction"] is not None and k["fraction"] > 0.9:
+                out[r["cell"]] = "world-limited"
+                continue
+            later = [g["capacity"]["bits"] for g in group[i + 1:]]
+            prev = group[i - 1]["capacity"]["bits"] if i else None
+            if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
+                out[r["cell"]] = "below capacity"
+            elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
+                out[r["cell"]] = "saturated"
+            elif later:  # more exposures did not raise it: this point is at capacity
+                out[r["cell"]] = "saturated"
+            elif prev is not None:  # the most exposures, still above the run before
+                out[r["cell"]] = "still rising"
+            else:
+                out[r["cell"]] = "unknown"
+    return out
+
+
+def paper_line(exposures: float) -> str:
+    """The paper's bits/parameter at the nearest of its exposure levels (log scale)."""
+    import math
+
+    near = min(PAPER_BITS_PER_PARAM, key=lambda e: abs(math.log(e) - math.log(max(exposures, 1))))
+    return f"≈ {PAPER_BITS_PER_PARAM[near]:g} ({near:,} exposures)"
+
 
 def capacity_section(out: Path, results: list[dict], cells: dict) -> list[str]:
     rows = [r for r in results if r.get("capacity")]
     if not rows:
         return []
-    lines = ["## Knowledge capacity (Part 3.3)", "",
+    png = _plot(out, rows)
+    return capacity_table(rows) + [f"![capacity]({png.name})", ""]
+
+
+def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3.3)"
+                   ) -> list[str]:
+    """The table of bits stored per cell (results carrying ``capacity``)."""
+    lines = [title, "",
              "Bits stored = Σ over people and attributes of log2 D − (the model's loss on the "
              "value, in bits), each value teacher-forced in the person's first bio; D: the "
              "number of values the attribute is drawn from uniformly (1 for the company city, "
@@ -18,23 +73,23 @@ def capacity_section(out: Path, results: list[dict], cells: dict) -> list[str]:
              "would store. Paper: ≈ 2 bits/parameter at 1,000 exposures, ≈ 1 at 100, once the "
              "world holds more bits than the model can store.", "",
              "| cell | people | parameters (non-embedding) | exposures | bits stored | "
-             "entropy | stored / entropy | **bits/parameter** | limited by |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "entropy | stored / entropy | **bits/parameter** | paper | state |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    state = saturation(rows)
     for r in rows:
         k = r["capacity"]
-        # a model that stores (nearly) all of its world is limited by the world, not by
-        # its size: its bits/parameter is a lower bound on its capacity
-        world_limited = k["fraction"] is not None and k["fraction"] > 0.9
         lines.append(f"| {r['cell']} | {k['people']:,} | {k['params']:,} "
                      f"({k['non_embedding_params']:,}) | {k['exposures']:.0f} | "
                      f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
-                     f"| **{k['bits_per_param']:.3f}** | "
-                     f"{'the world (> 90% of it stored): a lower bound' if world_limited else 'the model or its training'} |")
-    lines += ["", "A point measures capacity only when the model has stored less than its "
-              "world holds and more exposures no longer raise it (saturation); run the same "
-              "cell at more exposures to see which.", ""]
-    png = _plot(out, rows)
-    return lines + [f"![capacity]({png.name})", ""]
+                     f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
+                     f"{state[r['cell']]} |")
+    lines += ["", "*state*: **saturated** — the same model on the same world stored within "
+              f"{100 * SATURATED_GAIN:.0f}% of these bits at another exposure count, so this "
+              "is its capacity; **below capacity** — more exposures stored more; **still rising** "
+              "— the most exposures run, and still above the run before; "
+              "**world-limited** — over 90% of the world stored, a lower bound; **unknown** "
+              "— no run of it at another exposure count.", ""]
+    return lines
 
 
 def _plot(out: Path, rows: list[dict]) -> Path:
