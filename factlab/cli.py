@@ -515,7 +515,7 @@ def memory_tune(
     facts: Optional[Path] = typer.Option(None, "--facts", help="fact file (JSONL/CSV)"),
     random: Optional[int] = typer.Option(None, "--random",
                                          help="N generated facts: 32 random characters each "
-                                              "about new names (needs a world)"),
+                                              "about new names (the world's, or shipped)"),
     world: Optional[Path] = typer.Option(None, "--world",
                                          help="world: names for --random, locality sets"),
     values: Optional[str] = typer.Option(None, "--values",
@@ -564,9 +564,10 @@ def memory_tune(
 
         corpus = load_world(wpath)
     if random is not None:
-        if corpus is None:
-            raise FactlabError("--random needs a world (--world DIR) to draw new names from")
-        names = fresh_names(corpus.world, random, cfg.seed)
+        if values is not None and corpus is None:
+            raise FactlabError("--values needs a world (--world DIR): its attribute's values")
+        # new names from the world's pools, or from every shipped name without a world
+        names = fresh_names(corpus.world if corpus is not None else None, random, cfg.seed)
         qa = attribute_facts(names, random_answers(random, cfg.seed)) if values is None else \
             world_valued_facts(corpus, names, values, cfg.seed)
     else:
@@ -605,7 +606,13 @@ def memory_ask(
     if not isinstance(m, MemoryModel):
         raise FactlabError(f"{model}: not a memory model (factlab memory tune writes one)")
     tok = load_tokenizer(tokenizer or _tokenizer_dir(model))
-    pred = generate(m, tok, [prompt_text(question, tok, "plain")], max_new_tokens=64)[0]
+    fmt = "plain"  # the format the facts were stored in (memory tune's results.json)
+    if (model.parent / "results.json").is_file():
+        import json as _json
+
+        fmt = _json.loads((model.parent / "results.json").read_text(encoding="utf-8"))[
+            "settings"].get("prompt_format", "plain")
+    pred = generate(m, tok, [prompt_text(question, tok, fmt)], max_new_tokens=64)[0]
     line = pred.strip()
     if m.keygate is not None:
         import numpy as np
@@ -613,7 +620,7 @@ def memory_ask(
         qa = QA(person=np.zeros(1, np.int32), attribute=np.zeros(1, np.int16),
                 template=np.zeros(1, np.int16), question=[question], answer=["?"],
                 attributes=("?",), heldout=False)
-        score = float(m.question_scores(encode_qa(tok, qa))[0])
+        score = float(m.question_scores(encode_qa(tok, qa, fmt))[0])
         held = score >= m.radius
         if abstain and not held:
             line = "unknown"

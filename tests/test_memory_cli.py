@@ -100,10 +100,33 @@ def test_sequential_writes_of_world_valued_facts_end_to_end(tiny):
     assert "Sequential writes: 8 writes" in (out / "report.md").read_text()
 
 
+def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(tiny):
+    from factlab.evaluate.general import contains_answer, general_knowledge
+
+    gk = general_knowledge()
+    assert len(gk) == 100 and len(set(gk.question)) == 100 and "capital" in gk.attributes
+    assert contains_answer("The capital of France is Paris.", "Paris")
+    assert contains_answer("It is the Nile, in Africa", "The Nile")
+    assert not contains_answer("The capital of Brazil is Sao Paulo", "Brasília")
+    out = tiny / "noworld"
+    assert cli("memory", "tune", tiny / "hf", "--random", 8, "--out", out, *SMALL) == 0
+    res = json.loads((out / "results.json").read_text())
+    # (recall to 100% is the world test's; here 7 of 8 at this tiny budget)
+    assert res["reliability"]["generation_exact_match"] >= 0.85
+    loc = res["locality"]
+    assert set(loc) == {"general", "never_stored"} and loc["general"]["prompts"] == 20
+    assert loc["general"]["unchanged"] == 1.0 and loc["never_stored"]["unchanged"] == 1.0
+    assert loc["general"]["accuracy_after"] == loc["general"]["accuracy_before"]
+    # the radius was chosen on the validation halves, so the gate's score is a measure
+    assert res["abstention"]["auroc_stored_vs_never_stored"] > 0.9
+    assert "general knowledge: the answer in the reply" in (out / "report.md").read_text()
+
+
 def test_memory_tune_bad_input(tiny, tmp_path):
     hf, w = tiny / "hf", tiny / "world"
     assert cli("memory", "tune", hf, "--out", tmp_path / "a") == 2  # neither facts nor random
-    assert cli("memory", "tune", hf, "--random", 4, "--out", tmp_path / "b") == 2  # no world
+    assert cli("memory", "tune", hf, "--random", 4, "--values", "birth_city",
+               "--out", tmp_path / "b") == 2  # world values without a world
     assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "c",
                "--set", "bogus=1") == 2
     assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "d",
@@ -126,6 +149,8 @@ def test_memory_tune_bad_input(tiny, tmp_path):
                    tmp_path / "h", *args) == 2
     assert cli("memory", "tune", hf, "--facts", bad, "--values", "birth_city",
                "--out", tmp_path / "h") == 2  # --values goes with --random
+    assert cli("memory", "tune", hf, "--random", 4, "--out", tmp_path / "h",
+               "--set", "prompt_format=chat") == 2  # the tokenizer has no chat template
     for d in "abcdefgh":
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
     assert cli("memory", "ask", hf, "What?") == 2  # not a memory model

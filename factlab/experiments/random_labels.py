@@ -4,6 +4,7 @@ values of one of the world's attributes (the "true" answers: the kind the backbo
 produces) and with random 32-character strings — asked with the same questions.
 
     factlab run random_labels base=runs/qs/multi5+permute facts=500 [seed=1] [--out DIR]
+    factlab run random_labels base=models/smollm2 facts=100 memory.prompt_format=chat
 
 For each answer kind, every memory routing in ``routings`` is one ``memory tune`` run
 (``factlab.memory.run.tune_memory``: key gate, measured after the write, locality sets
@@ -57,20 +58,32 @@ class RandomLabelsSettings(Strict):
 
 
 def run_random_labels(cfg: RandomLabelsSettings, out, *, progress: bool = True) -> dict:
+    """``base`` a run cell: its world's names, ``attribute`` values and question, locality
+    on its world. ``base`` a pretrained model directory: shipped names, "What is the birth
+    city of NAME?" with shipped cities as the true answers, locality on the shipped
+    general-knowledge questions (``memory.prompt_format=chat`` for an instruct model)."""
     from factlab.corpus import load_world
-    from factlab.memory.facts import fresh_names, random_answers, world_valued_facts
+    from factlab.memory.facts import (city_valued_facts, fresh_names, random_answers,
+                                      world_valued_facts)
     from factlab.experiments.run import cell_model
     from factlab.memory.run import MemorySettings, tune_memory
     from factlab.text.qa import QA
 
     out = Path(out)
-    cell = cell_model(Path(cfg.base))
-    if cell is None:
-        raise FactlabError(f"random_labels: base={cfg.base} is not a run cell (no world/)")
-    model, world, tok = cell
-    corpus = load_world(world)
-    names = fresh_names(corpus.world, cfg.facts, cfg.seed)
-    true = world_valued_facts(corpus, names, cfg.attribute, cfg.seed)
+    base = Path(cfg.base)
+    cell = cell_model(base)
+    if cell is not None:  # a run cell: its world's names, values and questions
+        model, world, tok = cell
+        corpus = load_world(world)
+        names = fresh_names(corpus.world, cfg.facts, cfg.seed)
+        true = world_valued_facts(corpus, names, cfg.attribute, cfg.seed)
+    elif (base / "config.json").is_file():  # a pretrained model (HF or imported) and its
+        model, tok, corpus = base, base, None  # tokenizer: shipped names and cities
+        names = fresh_names(None, cfg.facts, cfg.seed)
+        true = city_valued_facts(names, cfg.seed)
+    else:
+        raise FactlabError(f"random_labels: base={cfg.base} is neither a run cell (no "
+                           f"world/) nor a model directory (no config.json)")
     rand = QA(person=true.person, attribute=true.attribute, template=true.template,
               question=list(true.question), answer=random_answers(cfg.facts, cfg.seed),
               attributes=true.attributes, heldout=False)
@@ -109,14 +122,17 @@ def _pct(x) -> str:
 
 def rows(results: dict) -> list[dict]:
     """One row per (answer kind, method): the numbers the report's table shows."""
+    from factlab.memory.run import held_out
+
     out = []
     for kind, by_routing in results["kinds"].items():
         for routing, r in by_routing.items():
-            own = r.get("locality", {}).get("own", {})
+            own = held_out(r.get("locality", {}))
             ns = r.get("locality", {}).get("never_stored", {})
             out.append({"kind": kind, "method": f"memory, {routing} routing",
                         "recall": r["reliability"]["generation_exact_match"],
-                        "ood_before": own.get("ood_before"), "ood_after": own.get("ood_after"),
+                        "held_set": own.get("set"),
+                        "ood_before": own.get("before"), "ood_after": own.get("after"),
                         "own_unchanged": own.get("unchanged"),
                         "halluc_after": ns.get("hallucination_after", {}).get("stored_value"),
                         "exposures": r["tuning"]["exposures_mean"],
@@ -124,12 +140,13 @@ def rows(results: dict) -> list[dict]:
                         "parameters": f"{r['parameters']['added']:,} added"})
             for b, row in r.get("baselines", {}).items():
                 lo = row["locality"]
+                ho = held_out(lo)
                 out.append({"kind": kind, "method": b, "recall": row["reliability"],
                             "best": row.get("best_recall"), "best_epochs": row.get("best_epochs"),
                             "lr": row.get("lr"),
-                            "ood_before": lo.get("own", {}).get("ood_before"),
-                            "ood_after": lo.get("own", {}).get("ood_after"),
-                            "own_unchanged": lo.get("own", {}).get("unchanged"),
+                            "held_set": ho.get("set"),
+                            "ood_before": ho.get("before"), "ood_after": ho.get("after"),
+                            "own_unchanged": ho.get("unchanged"),
                             "halluc_after": lo.get("never_stored", {}).get(
                                 "hallucination_after", {}).get("stored_value"),
                             "exposures": row["steps"] * r["settings"]["batch_size"] /
@@ -146,8 +163,8 @@ def report(results: dict) -> str:
              f"(random). Every number is greedy generation after the write; locality was "
              f"recorded before it. Paper's claims: " +
              "; ".join(CLAIMS.values()) + ".", "",
-             "| answers | method | recall | (best, epochs) | OOD before → after | own Qs "
-             "unchanged | never-stored answered with a stored value | exposures / fact | "
+             "| answers | method | recall | (best, epochs) | " + _held_header(results) +
+             " before → after | own Qs unchanged | never-stored answered with a stored value | exposures / fact | "
              "time | parameters |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows(results):
         best = f"{_pct(r['best'])} at {r['best_epochs']:.0f}, lr {r['lr']:g}" \
@@ -170,6 +187,11 @@ def report(results: dict) -> str:
     lines += ["", "Plots: `recall_by_nll.png`, `baselines_recall.png`. Each run's own report: "
                   "`KIND/ROUTING/report.md`.", ""]
     return "\n".join(lines)
+
+
+def _held_header(results: dict) -> str:
+    sets = {r.get("held_set") for r in rows(results)}
+    return "general knowledge (answer in the reply)" if sets == {"general"} else "OOD"
 
 
 def _nll_row(results, kind, method, r) -> str:

@@ -6,7 +6,8 @@ attribute each is about), the shape the encoder, the evaluator and the scorer re
 - :func:`random_answers`: seeded random strings (the random-label experiment's 32 upper-case
   letters and digits, e.g. ``OKCNLRZ0JTVT1SFNEMYJYM7UDTDQPKNQ``);
 - :func:`fresh_names`: full names from a world's name pools that no one in it (people,
-  unknown people) has, so a fact about them is new to the backbone;
+  unknown people) has, so a fact about them is new to the backbone (without a world: from
+  every shipped name);
 - :func:`attribute_facts`: "What is the {attribute} of {name}?" for names and answers;
 - :func:`world_valued_facts`: new names given values of one of a world's attributes
   (drawn from its people's values: the "true answers" of the random-label experiment, of
@@ -36,9 +37,15 @@ def random_answers(n: int, seed: int, length: int = 32, alphabet=ALPHABET) -> li
 
 def fresh_names(world, n: int, seed: int, exclude=()) -> list[str]:
     """``n`` distinct names drawn from ``world.names`` (its pools) that are neither a
-    person's, an unknown person's nor in ``exclude``."""
-    pools = world.names
-    taken = set(world.people.names) | set(world.unknown.names) | set(exclude)
+    person's, an unknown person's nor in ``exclude``; with ``world=None`` (a pretrained
+    model outside any world) from every shipped name."""
+    if world is None:
+        from factlab.world.pools import shipped_name_pools
+
+        pools, taken = shipped_name_pools(), set(exclude)
+    else:
+        pools = world.names
+        taken = set(world.people.names) | set(world.unknown.names) | set(exclude)
     if n > pools.capacity - len(taken):
         raise FactlabError(f"fresh names: the world's name pools hold {pools.capacity} names, "
                            f"{len(taken)} taken; cannot draw {n} more")
@@ -110,3 +117,15 @@ def world_valued_facts(corpus, names, attribute: str, seed: int) -> QA:
               template=np.zeros(len(names), np.int16),
               question=[template.replace("{name}", nm) for nm in names], answer=values,
               attributes=(key.replace("_", " "),), heldout=False)
+
+
+def city_valued_facts(names, seed: int) -> QA:
+    """Outside any world: "What is the birth city of NAME?" answered with a city drawn from
+    the shipped city pool (the random-label experiment's "true" answers for a pretrained
+    model: the kind of value it already produces)."""
+    from factlab.world.pools import shipped_pool
+
+    cities = shipped_pool("cities")
+    g = np.random.default_rng([seed, 34])
+    return attribute_facts(names, [cities[i] for i in g.integers(0, len(cities), len(names))],
+                           attribute="birth city")

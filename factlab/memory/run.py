@@ -19,7 +19,11 @@ backbone -> ``MemoryTuning`` on the one loop until every fact is done (or the bu
 Each locality set is split in two by position (even: validation, odd: test). The key
 gate's radius is chosen on the validation halves (``pick_radius``) and every locality
 number reported is on the test halves: settings are never chosen on what is reported.
-Without a world there is no locality set, and the radius is ``cfg.radius`` (default 0.98).
+Without a world (a pretrained model and a user's facts) the locality sets are (d) the shipped
+general-knowledge questions (``factlab.evaluate.general``; answered in sentences, so scored
+by containment and by whether the whole answer is unchanged) and (b).
+``prompt_format=chat`` asks and stores every question through the tokenizer's chat
+template (an instruct model such as SmolLM2).
 
 Sequential writes (``writes=T``, lifelong editing): the facts in T parts, one experience
 each through the experience driver (``OUT/writes``: its ``R.json`` holds the curve). Each
@@ -97,6 +101,9 @@ class MemorySettings(Strict):
     lora_lr: float = Field(2e-4, gt=0)
     full_lr: float = Field(3e-4, gt=0)
     locality_per_set: int = Field(600, ge=2, description="prompts per locality set (cap)")
+    # how questions and answers become text: the world's plain "Q\nAnswer: A" (factlab's
+    # own models) or the tokenizer's chat template (a pretrained instruct model)
+    prompt_format: Literal["plain", "chat"] = "plain"
     # sequential writes (lifelong editing): the facts in ``writes`` batches, one after
     # another through the experience driver; 1 = all at once
     writes: int = Field(1, ge=1)
@@ -145,9 +152,33 @@ def _take(qa, idx):
               heldout=qa.heldout)
 
 
+def _never_stored(world, facts, names: list[str], seed: int, cap: int):
+    """The stored questions asked about names never stored (drawn from the world's name
+    pools, or from every shipped name without a world)."""
+    from factlab.memory.facts import fresh_names
+    from factlab.text.qa import QA
+
+    others = fresh_names(world, min(cap, 4 * len(names) + 8), seed + 1, exclude=names)
+    nq = min(cap, len(others))
+    return QA(person=np.arange(nq, dtype=np.int32), attribute=np.zeros(nq, np.int16),
+              template=np.zeros(nq, np.int16),
+              question=[facts.question[i % len(facts)].replace(
+                  names[int(facts.person[i % len(facts)])], others[i]) for i in range(nq)],
+              answer=["-"] * nq, attributes=("stored relation",), heldout=False)
+
+
+def general_locality_sets(facts, names: list[str], seed: int, cap: int) -> dict:
+    """A model without a world: the shipped general-knowledge questions
+    (``factlab.evaluate.general``: what a pretrained model knew before the write) and the
+    stored questions asked about never-stored names."""
+    from factlab.evaluate.general import general_knowledge
+
+    return {"general": general_knowledge(cap),
+            "never_stored": _never_stored(None, facts, names, seed, cap)}
+
+
 def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
     """The three locality sets of a world (see the module doc), before splitting."""
-    from factlab.memory.facts import fresh_names
     from factlab.text.qa import QA
 
     own = corpus.qa()
@@ -157,13 +188,7 @@ def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
              template=np.asarray(own.template)[order],
              question=[own.question[i] for i in order], answer=[own.answer[i] for i in order],
              attributes=own.attributes, heldout=False)
-    others = fresh_names(corpus.world, min(cap, 4 * len(names) + 8), seed + 1, exclude=names)
-    nq = min(cap, len(others))  # the stored questions, about names never stored
-    never = QA(person=np.arange(nq, dtype=np.int32), attribute=np.zeros(nq, np.int16),
-               template=np.zeros(nq, np.int16),
-               question=[facts.question[i % len(facts)].replace(
-                   names[int(facts.person[i % len(facts)])], others[i]) for i in range(nq)],
-               answer=["-"] * nq, attributes=("stored relation",), heldout=False)
+    never = _never_stored(corpus.world, facts, names, seed, cap)
     # the world's questions about its people, asked about the stored entities instead
     people = corpus.people.names
     q = []
@@ -213,6 +238,17 @@ def paraphrases(corpus, facts, names: list[str]):
               heldout=True), idx
 
 
+def _ask(model, tok, qa, cfg, locality_set: str | None = None):
+    """Greedy answers to ``qa`` in the run's prompt format (the general-knowledge set: a
+    sentence's worth of tokens, scored by containment)."""
+    from factlab.evaluate.general import ANSWER_TOKENS
+    from factlab.evaluate.generate import evaluate_qa
+
+    return evaluate_qa(model, tok, qa, batch_size=cfg.eval_batch_size,
+                       prompt_format=cfg.prompt_format,
+                       max_new_tokens=ANSWER_TOKENS if locality_set == "general" else None)
+
+
 def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
     import torch
 
@@ -237,16 +273,14 @@ def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
 def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -> dict:
     """Reliability, generalization (on ``para``, the held-out paraphrases) and the
     locality sets' numbers for any model after the write."""
-    from factlab.evaluate.generate import evaluate_qa
     from factlab.memory import metrics as M
 
-    met, recs = evaluate_qa(model, tok, facts, batch_size=cfg.eval_batch_size)
+    met, recs = _ask(model, tok, facts, cfg)
     res = {"reliability": met["exact_match"], "locality": {}, "_records": recs}
     if para is not None:
-        res["generalization"] = evaluate_qa(model, tok, para,
-                                            batch_size=cfg.eval_batch_size)[0]["exact_match"]
+        res["generalization"] = _ask(model, tok, para, cfg)[0]["exact_match"]
     for k, (_, te) in halves.items():
-        _, after = evaluate_qa(model, tok, te, batch_size=cfg.eval_batch_size)
+        _, after = _ask(model, tok, te, cfg, k)
         row = {"prompts": len(after),
                "unchanged": M.locality([r["prediction"] for r in before[k]],
                                        [r["prediction"] for r in after])}
@@ -258,6 +292,13 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -
                                                            zip(before[k], sel) if s]))
                     row[f"{name}_after"] = float(np.mean([r["correct"] for r, s in
                                                           zip(after, sel) if s]))
+        if k == "general":  # the backbone's general knowledge, by containment
+            from factlab.evaluate.general import contains_answer
+
+            row["accuracy_before"] = float(np.mean([contains_answer(r["prediction"], r["answer"])
+                                                    for r in before[k]]))
+            row["accuracy_after"] = float(np.mean([contains_answer(r["prediction"], r["answer"])
+                                                   for r in after]))
         if k == "never_stored":
             vals = list(facts.answer)
             row["hallucination_before"] = M.unknown_hallucination(
@@ -293,12 +334,10 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
     t0 = time.perf_counter()
     curve, evaluate = [], None
     if writes is None and epochs:  # at its own best: epochs, recall measured along
-        from factlab.evaluate.generate import evaluate_qa
-
         steps = max(1, math.ceil(epochs * len(facts) / cfg.batch_size))
 
         def evaluate(loop, step):
-            r = evaluate_qa(loop.model, tok, facts, batch_size=cfg.eval_batch_size)[0]
+            r = _ask(loop.model, tok, facts, cfg)[0]
             curve.append({"epochs": step * cfg.batch_size / len(facts),
                           "recall": r["exact_match"]})
             return {"recall": r["exact_match"]}
@@ -377,7 +416,6 @@ def _sequential(m, plug, enc, facts, tok, longest, halves, before, cfg, out, pro
     """Train ``plug``'s writes one experience each through the experience driver,
     scoring (generation) the facts written so far, the first write's facts and the
     locality test halves at ``cfg.eval_points`` points; returns the driver."""
-    from factlab.evaluate.generate import evaluate_qa
     from factlab.memory import metrics as M
     from factlab.tokens.streams import QAStream
     from factlab.train import TrainConfig
@@ -401,7 +439,7 @@ def _sequential(m, plug, enc, facts, tok, longest, halves, before, cfg, out, pro
     def em(model, idx):
         if not len(idx):  # nothing written yet
             return 0.0, None
-        return evaluate_qa(model, tok, _take(facts, idx), batch_size=cfg.eval_batch_size)[0][
+        return _ask(model, tok, _take(facts, idx), cfg)[0][
             "exact_match"], None
 
     def written(model):
@@ -412,7 +450,7 @@ def _sequential(m, plug, enc, facts, tok, longest, halves, before, cfg, out, pro
              "first_write": lambda model: em(model, writes[0] if plug.completed else [])}
     for k, (_, te) in halves.items():
         def unchanged(model, k=k, te=te):
-            after = evaluate_qa(model, tok, te, batch_size=cfg.eval_batch_size)[1]
+            after = _ask(model, tok, te, cfg, k)[1]
             return M.locality([r["prediction"] for r in before[k]],
                               [r["prediction"] for r in after]), None
         evals[f"{k}_unchanged"] = unchanged
@@ -440,7 +478,6 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     ``out/results.json``, ``out/report.md`` and the predictions; return the results."""
     import torch
 
-    from factlab.evaluate.generate import evaluate_qa
     from factlab.evaluate.score import score_encoded
     from factlab.memory import metrics as M
     from factlab.memory.gate import pick_radius
@@ -463,7 +500,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     tok = load_tokenizer(tokenizer_path)
     backbone = load_any(model_path)
     ctx = int(getattr(backbone.config, "max_position_embeddings", 0) or 0)
-    enc = encode_qa(tok, facts)
+    enc = encode_qa(tok, facts, cfg.prompt_format)
     longest = int(enc.lengths.max())
     if ctx and longest > ctx:
         q = int(np.argmax(enc.lengths))
@@ -493,11 +530,12 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                  "bank_bytes": need, "timing_s": {}}
     # ---- before any write: the backbone's answers on the locality sets
     t0 = time.perf_counter()
-    loc = locality_sets(corpus, facts, names, cfg.seed, cfg.locality_per_set) if corpus else {}
+    loc = locality_sets(corpus, facts, names, cfg.seed, cfg.locality_per_set) if corpus else \
+        general_locality_sets(facts, names, cfg.seed, cfg.locality_per_set)
     halves = {k: (_half(v, 0), _half(v, 1)) for k, v in loc.items()}
-    before = {k: evaluate_qa(backbone, tok, te, batch_size=cfg.eval_batch_size)[1]
+    before = {k: _ask(backbone, tok, te, cfg, k)[1]
               for k, (_, te) in halves.items()}
-    base_recall = evaluate_qa(backbone, tok, facts, batch_size=cfg.eval_batch_size)[0]
+    base_recall = _ask(backbone, tok, facts, cfg)[0]
     res["timing_s"]["before"] = time.perf_counter() - t0
     # ---- the memory, its keys, the radius (validation halves only)
     m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
@@ -508,14 +546,14 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     if m.keygate is not None and not seq:
         m.write_keys(enc)
         if cfg.radius is None and halves:
-            val = np.concatenate([m.question_scores(encode_qa(tok, va))
+            val = np.concatenate([m.question_scores(encode_qa(tok, va, cfg.prompt_format))
                                   for va, _ in halves.values()])
             m.radius = pick_radius(val, cfg.radius_margin)
     elif m.keygate is not None:  # keys are written one write at a time, by the plugin
         if halves and len(halves["never_stored"][0]) >= 16:  # queries' whitening: before
-            m.fit_queries(encode_qa(tok, halves["never_stored"][0]))  # any write
+            m.fit_queries(encode_qa(tok, halves["never_stored"][0], cfg.prompt_format))  # any write
         if cfg.radius is None and halves:  # chosen again after each write
-            val_states = torch.cat([m.key_states(encode_qa(tok, va))
+            val_states = torch.cat([m.key_states(encode_qa(tok, va, cfg.prompt_format))
                                     for va, _ in halves.values()])
     if seq:
         writes = np.array_split(np.arange(len(facts)), cfg.writes)
@@ -572,16 +610,16 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     res["reliable_below_nll"] = M.reliable_below(sc.max_nll, correct)
     res["locality"] = after["locality"]
     if para is not None:
-        g_bb = evaluate_qa(backbone, tok, para, batch_size=cfg.eval_batch_size)[0]
+        g_bb = _ask(backbone, tok, para, cfg)[0]
         row = {"prompts": len(para), "generation_exact_match": after.pop("generalization"),
                "backbone": g_bb["exact_match"]}
         if m.keygate is not None:
-            row["gate_open"] = float((m.question_scores(encode_qa(tok, para))
+            row["gate_open"] = float((m.question_scores(encode_qa(tok, para, cfg.prompt_format))
                                       >= m.radius).mean())
         res["generalization"] = row
     if m.keygate is not None:
         pos = m.question_scores(enc)
-        neg = np.concatenate([m.question_scores(encode_qa(tok, te))
+        neg = np.concatenate([m.question_scores(encode_qa(tok, te, cfg.prompt_format))
                               for _, te in halves.values()]) if halves else np.zeros(0)
         res["abstention"] = {"score": "nearest stored key cosine (key gate)",
                              "auroc_stored_vs_never_stored": M.auroc(pos, neg),
@@ -594,8 +632,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     # the bank holds the facts: zero its values and recall falls to the backbone's
     saved = [p.detach().clone() for p in m.value_parameters()]
     m.zero_bank()
-    res["reliability"]["bank_zeroed"] = evaluate_qa(m, tok, facts,
-                                                    batch_size=cfg.eval_batch_size)[0]["exact_match"]
+    res["reliability"]["bank_zeroed"] = _ask(m, tok, facts, cfg)[0]["exact_match"]
     with torch.no_grad():
         for p, v in zip(m.value_parameters(), saved):
             p.copy_(v)
@@ -638,6 +675,21 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def held_out(locality: dict) -> dict:
+    """What the backbone knew, before and after: the world's held-out (OOD) accuracy on its
+    own questions, or, without a world, the general-knowledge set's (containment); with
+    ``unchanged`` and ``set`` (which of the two)."""
+    if "own" in locality:
+        o = locality["own"]
+        return {"set": "own", "before": o.get("ood_before"), "after": o.get("ood_after"),
+                "unchanged": o.get("unchanged")}
+    if "general" in locality:
+        g = locality["general"]
+        return {"set": "general", "before": g.get("accuracy_before"),
+                "after": g.get("accuracy_after"), "unchanged": g.get("unchanged")}
+    return {}
+
+
 def report(res: dict) -> str:
     t, r = res["tuning"], res["reliability"]
     s = res["settings"]
@@ -674,6 +726,9 @@ def report(res: dict) -> str:
         if "ood_before" in row:
             lines.append(f"| the backbone's held-out (OOD) accuracy before → after | "
                          f"{_pct(row['ood_before'])} → {_pct(row['ood_after'])} |")
+        if "accuracy_before" in row:
+            lines.append(f"| general knowledge: the answer in the reply, before → after | "
+                         f"{_pct(row['accuracy_before'])} → {_pct(row['accuracy_after'])} |")
         if "hallucination_after" in row:
             hb, ha = row["hallucination_before"], row["hallucination_after"]
             lines.append(f"| never-stored names: answered / with a stored value, before → after"
@@ -696,27 +751,27 @@ def report(res: dict) -> str:
                      f"point in brackets, every other number after the last epoch)") + ":",
                   "",
                   "| method | steps | time | trainable params | reliability | generalization "
-                  "| own questions unchanged | OOD before → after | never-stored unchanged | "
+                  "| own questions unchanged | held-out before → after | never-stored unchanged | "
                   "stored entities unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
-        own = res["locality"].get("own", {})
+        own = held_out(res["locality"])
         lines.append(f"| memory (this run) | {t['steps']:,} | {res['timing_s']['tuning']:.0f} s "
                      f"| {res['parameters']['added']:,} added | "
                      f"{_pct(r['generation_exact_match'])} | "
                      f"{_pct(res.get('generalization', {}).get('generation_exact_match'))} | "
                      f"{_pct(own.get('unchanged'))} | "
-                     f"{_pct(own.get('ood_before'))} → {_pct(own.get('ood_after'))} | "
+                     f"{_pct(own.get('before'))} → {_pct(own.get('after'))} | "
                      f"{_pct(res['locality'].get('never_stored', {}).get('unchanged'))} | "
                      f"{_pct(res['locality'].get('stored_entities', {}).get('unchanged'))} |")
         for k, b in res["baselines"].items():
             lo = b["locality"]
-            o = lo.get("own", {})
+            o = held_out(lo)
             lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
                          f"{b['trainable_parameters']:,} | {_pct(b['reliability'])}"
                          + (f" (best {_pct(b['best_recall'])} at {b['best_epochs']:.0f} "
                             f"epochs, lr {b['lr']:g})" if "best_recall" in b else "") + " | "
                          f"{_pct(b.get('generalization'))} | "
-                         f"{_pct(o.get('unchanged'))} | {_pct(o.get('ood_before'))} → "
-                         f"{_pct(o.get('ood_after'))} | "
+                         f"{_pct(o.get('unchanged'))} | {_pct(o.get('before'))} → "
+                         f"{_pct(o.get('after'))} | "
                          f"{_pct(lo.get('never_stored', {}).get('unchanged'))} | "
                          f"{_pct(lo.get('stored_entities', {}).get('unchanged'))} |")
     if "sequential" in res:

@@ -96,6 +96,22 @@ def _full() -> dict[str, list]:
     }
 
 
+def shipped_name_pools() -> NamePools:
+    """Every shipped first, middle and last name: names for entities outside any world
+    (new names to store facts about in a pretrained model)."""
+    f = _full()
+    return NamePools(tuple(f["first"]), tuple(f["first_gender"]), tuple(f["middle"]),
+                     tuple(f["last"]))
+
+
+def shipped_pool(key: str) -> tuple:
+    """One whole shipped pool (``cities``, ``universities``, ``majors``, ``companies``, ...)."""
+    full = _full()
+    if key not in full:
+        raise FactlabError(f"no shipped pool {key!r}: {', '.join(full)}")
+    return tuple(full[key])
+
+
 def available() -> dict[str, int]:
     """Size of every shipped pool."""
     full = _full()
