@@ -121,6 +121,12 @@ def test_saturation_labels_each_point_from_its_neighbours_in_exposures():
                                                                    params=91_000)]
     assert saturation(rows) == {"w": "world-limited", "w2": "world-limited",
                                 "big": "unknown"}
+    # zero bits is not a capacity, even when more exposures also stored zero
+    rows = [_cap("a", 0.0, 100), _cap("b", 0.0, 300), _cap("c", 152.0, 1000)]
+    assert saturation(rows) == {"a": "below capacity", "b": "below capacity",
+                                "c": "still rising"}
+    rows = [_cap("a", 0.0, 100), _cap("b", 0.0, 300)]
+    assert saturation(rows) == {"a": "nothing stored", "b": "nothing stored"}
     text = "\n".join(capacity_table([_cap("a", 10_000, 100), _cap("b", 20_000, 1000)]))
     assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000 |" in text
     assert "≈ 1 (100 exposures) | below capacity |" in text

@@ -18,7 +18,8 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     bits (or one with more exposures stored no more), ``world-limited`` when it stores
     > 90% of its world, ``below capacity`` when a run with more exposures stores more by
     over SATURATED_GAIN, ``still rising`` for the most exposed run of a group whose bits
-    still rose, ``unknown`` with no run at another exposure count."""
+    still rose, ``nothing stored`` (< 1 bit, and no run with more exposures stored any),
+    ``unknown`` with no run at another exposure count."""
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
@@ -32,6 +33,10 @@ def saturation(rows: list[dict]) -> dict[str, str]:
                 out[r["cell"]] = "world-limited"
                 continue
             later = [g["capacity"]["bits"] for g in group[i + 1:]]
+            if k["bits"] < 1 and not any(b >= 1 for b in later):
+                # nothing stored, and no more exposures stored anything: not a capacity
+                out[r["cell"]] = "nothing stored"
+                continue
             prev = group[i - 1]["capacity"]["bits"] if i else None
             if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
                 out[r["cell"]] = "below capacity"
@@ -87,7 +92,8 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
               f"{100 * SATURATED_GAIN:.0f}% of these bits at another exposure count, so this "
               "is its capacity; **below capacity** — more exposures stored more; **still rising** "
               "— the most exposures run, and still above the run before; "
-              "**world-limited** — over 90% of the world stored, a lower bound; **unknown** "
+              "**world-limited** — over 90% of the world stored, a lower bound; **nothing stored** "
+              "— under 1 bit, and more exposures stored none either; **unknown** "
               "— no run of it at another exposure count.", ""]
     return lines
 
