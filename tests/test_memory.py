@@ -153,6 +153,14 @@ def test_memory_tuning_recalls_every_fact_and_the_bank_holds_them(setting):
     m = loop.model
     assert plug.done.all() and loop.stopped  # verified on the final model, then stopped
     assert plug.summary()["exposures_mean"] < 150
+    tr = plug.trace_rows()  # one row per step: exposures rise, the NLL falls to under tau
+    assert len(tr) == loop.history[-1]["step"]
+    assert [t["step"] for t in tr] == sorted(t["step"] for t in tr)
+    assert tr[-1]["exposures_mean"] == plug.summary()["exposures_mean"]
+    assert tr[-1]["done"] == tr[-1]["argmax"] == 1.0 and tr[-1]["nll_max"] < plug.tau
+    assert tr[0]["done"] == 0.0 and tr[0]["nll_p50"] > 1.0
+    assert len(plug.trace_rows(limit=10)) == 10
+    assert plug.trace_rows(limit=10)[-1] == tr[-1]
     met, recs = evaluate_qa(m, s["tok"], s["facts"])
     assert met["exact_match"] == 1.0  # greedy generation, after the run
     assert all(torch.equal(v, before[k]) for k, v in bb.state_dict().items())
@@ -186,6 +194,7 @@ def test_a_wall_time_budget_stops_tuning_and_resume_keeps_the_flags(setting, tmp
     again = MemoryTuning(s["enc"], 64, 1)
     again.load_state_dict(plug.state_dict())
     assert np.array_equal(again.exposures, plug.exposures)
+    assert again.trace_rows() == plug.trace_rows() and len(plug.trace) == 1
 
 
 # ------------------------------------------------------------------------ key gate

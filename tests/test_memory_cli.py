@@ -222,7 +222,11 @@ def test_random_labels_experiment_end_to_end(tiny, tmp_path):
     assert t["question"] == rnd["question"] and t["answer"] != rnd["answer"]
     text = (out / "report.md").read_text()
     assert "| random | memory, pinned routing | 100.0%" in text and "own best" in text
-    assert (out / "recall_by_nll.png").is_file() and (out / "baselines_recall.png").is_file()
+    for png in ("recall_by_nll.png", "recall_by_exposures.png", "loss_percentiles.png"):
+        assert (out / png).is_file()
+    tr = res["kinds"]["random"]["pinned"]["tuning"]["trace"]  # the loss along the tuning
+    assert tr[-1]["argmax"] == 1.0 and tr[-1]["nll_p90"] < tr[0]["nll_p90"]
+    assert "| random | pinned | 1.0 |" in text  # the trace table, from one exposure on
     assert cli(*args) == 0  # again: every finished run is reused
     assert json.loads((out / "results.json").read_text()) == res
     assert cli("run", "random_labels", f"base={tmp_path / 'nope'}", "--out",

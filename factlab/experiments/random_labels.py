@@ -15,12 +15,14 @@ the methods side by side — recall of the stored facts, the backbone's held-out
 accuracy before and after (the paper's "generalization does not change"), unknown-entity
 hallucination, exposures, time, parameters — with greedy recall against the facts'
 max-token NLL (the "hallucinate above a loss threshold" reading) and the paper's claims
-beside them; plots: recall by NLL, and the baselines' recall against epochs.
+beside them; plots: recall by NLL, recall against exposures per fact (memory and
+baselines), and the facts' loss percentiles along the memory's tuning.
 
 OUT/
   random_labels.json        the settings (the same command again resumes each run)
   true/ROUTING/, random/ROUTING/   one ``memory tune`` directory each (results.json, report)
-  results.json, report.md, recall_by_nll.png, baselines_recall.png
+  results.json, report.md, recall_by_nll.png, recall_by_exposures.png,
+  loss_percentiles.png
 """
 
 from __future__ import annotations
@@ -184,8 +186,15 @@ def report(results: dict) -> str:
                 if "recall_by_max_nll" in row]
             for method, r in methods:
                 lines.append(_nll_row(results, kind, method, r))
-    lines += ["", "Plots: `recall_by_nll.png`, `baselines_recall.png`. Each run's own report: "
-                  "`KIND/ROUTING/report.md`.", ""]
+    if any(r["tuning"].get("trace") for by in results["kinds"].values() for r in by.values()):
+        lines += ["", "The memory's tuning, at the step where the mean exposures per fact "
+                      "first reach each count (greedy-right: every answer token the argmax, "
+                      "read from the training loss, i.e. before that step's update):", "",
+                  *trace_table(results)]
+    lines += ["", "Plots: `recall_by_nll.png`, `recall_by_exposures.png` (the memory's "
+                  "greedy-right fraction along its tuning, the baselines' greedy recall "
+                  "along their epochs), `loss_percentiles.png` (the facts' max-token NLL "
+                  "per step). Each run's own report: `KIND/ROUTING/report.md`.", ""]
     return "\n".join(lines)
 
 
@@ -233,12 +242,69 @@ def _plots(out: Path, results: dict) -> None:
                 ax.plot(*zip(*pts), marker="o", label=f"{kind}, {routing}")
     ax.set_xticks(range(len(_bins(results))), _bins(results), rotation=45, fontsize=6)
     save(fig, ax, "max-token NLL of the fact (teacher-forced)", "recall_by_nll.png")
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for kind, by in results["kinds"].items():
-        for r in by.values():
+    fig, ax = plt.subplots(figsize=(6, 3.5))  # memory: greedy-right (all argmax) along
+    for kind, by in results["kinds"].items():  # its tuning; baselines: greedy recall
+        for routing, r in by.items():  # measured every few epochs (= exposures per fact)
+            tr = r["tuning"].get("trace") or []
+            if tr:
+                ax.plot([t["exposures_mean"] for t in tr], [t["argmax"] for t in tr],
+                        label=f"{kind}, memory {routing} (teacher-forced all argmax)")
             for b, row in r.get("baselines", {}).items():
                 if row.get("curve"):
                     ax.plot([c["epochs"] for c in row["curve"]],
-                            [c["recall"] for c in row["curve"]], marker=".",
-                            label=f"{kind}, {b}")
-    save(fig, ax, "epochs over the facts", "baselines_recall.png")
+                            [c["recall"] for c in row["curve"]], marker=".", ls="--",
+                            label=f"{kind}, {b} (greedy)")
+    ax.set_xscale("symlog", linthresh=1)
+    save(fig, ax, "exposures per fact (mean; epochs for the baselines)",
+         "recall_by_exposures.png")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, by in results["kinds"].items():
+        for routing, r in by.items():
+            tr = [t for t in r["tuning"].get("trace") or [] if t["nll_p50"] == t["nll_p50"]]
+            if tr:
+                x = [t["step"] for t in tr]
+                line, = ax.plot(x, [t["nll_p50"] for t in tr], label=f"{kind}, {routing}: "
+                                "median (band: 10th-90th percentile)")
+                ax.fill_between(x, [t["nll_p10"] for t in tr], [t["nll_p90"] for t in tr],
+                                color=line.get_color(), alpha=0.2)
+    ax.axhline(_tau(results), color="k", lw=0.6, ls=":")  # tau: a fact is done below it
+    ax.set_yscale("log")
+    ax.set_xlabel("tuning step")
+    ax.set_ylabel("max-token NLL of the facts seen (nats)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "loss_percentiles.png", dpi=120)
+    plt.close(fig)
+
+
+def _tau(results: dict) -> float:
+    for by in results["kinds"].values():
+        for r in by.values():
+            return float(r["settings"]["tau"])
+    return 0.05
+
+
+MILESTONES = (1, 2, 5, 10, 20, 50, 100, 200, 500)
+
+
+def trace_table(results: dict) -> list[str]:
+    """Each memory run's trace at a few exposure counts: the facts greedy-right (all
+    argmax, read from the loss), done (also under tau), and max-token NLL percentiles."""
+    lines = ["| answers | routing | exposures / fact | step | greedy-right | done | "
+             "max-token NLL p10 / p50 / p90 |", "|---|---|---|---|---|---|---|"]
+    for kind, by in results["kinds"].items():
+        for routing, r in by.items():
+            tr = r["tuning"].get("trace") or []
+            for e in MILESTONES:
+                t = next((t for t in tr if t["exposures_mean"] >= e), None)
+                if t is None:
+                    break
+                lines.append(f"| {kind} | {routing} | {t['exposures_mean']:.1f} | "
+                             f"{t['step']:.0f} | {_pct(t['argmax'])} | {_pct(t['done'])} | "
+                             f"{t['nll_p10']:.3g} / {t['nll_p50']:.3g} / {t['nll_p90']:.3g} |")
+            if tr:
+                t = tr[-1]
+                lines.append(f"| {kind} | {routing} | {t['exposures_mean']:.1f} (end) | "
+                             f"{t['step']:.0f} | {_pct(t['argmax'])} | {_pct(t['done'])} | "
+                             f"{t['nll_p10']:.3g} / {t['nll_p50']:.3g} / {t['nll_p90']:.3g} |")
+    return lines

@@ -592,7 +592,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                                        for r in drv.R["rows"]]}
     if m.keygate is not None:
         res["radius"] = m.radius
-    res["tuning"] = {**plug.summary(), "steps": n_steps, "all_done": bool(plug.done.all())}
+    res["tuning"] = {**plug.summary(), "steps": n_steps, "all_done": bool(plug.done.all()),
+                     "trace": plug.trace_rows()}
     # ---- after: generation first, teacher-forced beside
     t0 = time.perf_counter()
     m.eval()

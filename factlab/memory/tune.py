@@ -12,9 +12,11 @@ they stay done (a revisited fact that slipped is marked not done again); when fe
 are left than a batch holds, the batch shrinks (``shrink``) to them plus their share of
 revisits, instead of filling up with done facts. The run stops
 (``loop.stop()``) when every fact is done, or at the step budget. Exposures per fact are
-counted. Flags set from training batches describe the model *before* each update, and a
-later update can undo an earlier fact; so when every flag says done, all facts are scored
-again on the current model (teacher-forced, ``factlab.evaluate.score``: cheap, no
+counted, and every step adds a row to the trace (``trace_rows``: mean exposures, the
+fractions done and greedy-right, percentiles of the facts' max-token NLL). Flags set
+from training batches describe the model *before* each update, and a later update can
+undo an earlier fact; so when every flag says done, all facts are scored again on the
+current model (teacher-forced, ``factlab.evaluate.score``: cheap, no
 generation) and the run stops only if they still all are; otherwise the slipped facts go
 back into the sampler. State (flags, exposures, last NLL) is plugin state: a killed run
 resumes exactly.
@@ -46,6 +48,10 @@ import torch
 
 from factlab.errors import FactlabError
 from factlab.train.plugins import Plugin
+
+
+TRACE_COLUMNS = ("step", "exposures_mean", "seen", "done", "argmax", "nll_p10", "nll_p50",
+                 "nll_p90", "nll_max")
 
 
 class MemoryTuning(Plugin):
@@ -84,6 +90,8 @@ class MemoryTuning(Plugin):
         self.exposures = np.zeros(n, dtype=np.int64)
         self.max_nll = np.full(n, np.inf)
         self.done_at = np.full(n, -1, dtype=np.int64)  # exposures when first done
+        self.argmax = np.zeros(n, dtype=bool)  # every answer token the argmax (greedy-right)
+        self.trace: list[list[float]] = []  # one row per step: TRACE_COLUMNS
         self.writes = None if writes is None else [np.asarray(w, dtype=np.int64) for w in writes]
         if self.writes is not None:
             flat = np.concatenate(self.writes) if self.writes else np.zeros(0, np.int64)
@@ -212,6 +220,7 @@ class MemoryTuning(Plugin):
         first = now & (self.done_at[pos] < 0)
         self.done_at[pos[first]] = self.exposures[pos[first]]
         self.done[pos] = now
+        self.argmax[pos] = ok
         return None
 
     def verify(self, model) -> np.ndarray:
@@ -224,6 +233,7 @@ class MemoryTuning(Plugin):
         sc = score_encoded(model, enc, batch_size=256)
         self.max_nll[idx] = sc.max_nll.astype(np.float64)
         self.done[idx] = (sc.max_nll < self.tau) & sc.all_argmax
+        self.argmax[idx] = sc.all_argmax
         return self.done[idx]
 
     def after_step(self, loop, step: int, logs: dict) -> None:
@@ -242,6 +252,27 @@ class MemoryTuning(Plugin):
                 loop.stop()
         logs["facts_done"] = int(self.done.sum())
         logs["exposures_mean"] = float(self.exposures.mean())
+        self._record(self.steps_total + step)
+
+    def _record(self, step: int) -> None:
+        """The trace's row for this step, over the facts in scope: mean exposures, the
+        fractions seen / done / greedy-right (all argmax, from the loss), and percentiles
+        of the max-token NLL of the facts seen (each fact's latest)."""
+        sc = self.scope
+        nll = self.max_nll[sc]
+        seen = np.isfinite(nll)
+        q = np.percentile(nll[seen], [10, 50, 90]).tolist() if seen.any() else [np.nan] * 3
+        self.trace.append([float(step), float(self.exposures[sc].mean()), float(seen.mean()),
+                           float(self.done[sc].mean()), float(self.argmax[sc].mean()), *q,
+                           float(nll[seen].max()) if seen.any() else np.nan])
+
+    def trace_rows(self, limit: int = 400) -> list[dict]:
+        """The trace as dicts, at most ``limit`` rows (evenly spaced, the last kept)."""
+        t = self.trace
+        if len(t) > limit:
+            keep = np.unique(np.linspace(0, len(t) - 1, limit).round().astype(int))
+            t = [t[i] for i in keep]
+        return [dict(zip(TRACE_COLUMNS, r)) for r in t]
 
     def after_experience(self, loop, t: int) -> None:
         self.steps_total += int(loop.step)
@@ -264,6 +295,9 @@ class MemoryTuning(Plugin):
               "exposures": torch.from_numpy(self.exposures.copy()),
               "max_nll": torch.from_numpy(self.max_nll.copy()),
               "done_at": torch.from_numpy(self.done_at.copy()),
+              "argmax": torch.from_numpy(self.argmax.copy()),
+              "trace": torch.tensor(self.trace, dtype=torch.float64).reshape(
+                  -1, len(TRACE_COLUMNS)),
               "steps_total": torch.tensor(self.steps_total),
               "completed": torch.tensor(self.completed)}
         kg = getattr(self._model, "keygate", None)
@@ -277,6 +311,9 @@ class MemoryTuning(Plugin):
             self.exposures = state["exposures"].numpy().copy()
             self.max_nll = state["max_nll"].numpy().copy()
             self.done_at = state["done_at"].numpy().copy()
+            if "argmax" in state:  # checkpoints written before the trace have neither
+                self.argmax = state["argmax"].numpy().copy()
+                self.trace = state["trace"].tolist()
             self.steps_total = int(state.get("steps_total", torch.tensor(0)))
             self.completed = int(state.get("completed", torch.tensor(0)))
             kg = getattr(self._model, "keygate", None)
