@@ -606,12 +606,13 @@ def memory_ask(
     if not isinstance(m, MemoryModel):
         raise FactlabError(f"{model}: not a memory model (factlab memory tune writes one)")
     tok = load_tokenizer(tokenizer or _tokenizer_dir(model))
-    fmt = "plain"  # the format the facts were stored in (memory tune's results.json)
-    if (model.parent / "results.json").is_file():
-        import json as _json
+    import json
 
-        fmt = _json.loads((model.parent / "results.json").read_text(encoding="utf-8"))[
-            "settings"].get("prompt_format", "plain")
+    fmt = m.prompt_format  # the format the facts were stored in
+    if (model.parent / "results.json").is_file() and "prompt_format" not in json.loads(
+            (model / "factlab_wrapper.json").read_text(encoding="utf-8"))["config"]:
+        fmt = json.loads((model.parent / "results.json").read_text(encoding="utf-8"))[
+            "settings"].get("prompt_format", "plain")  # saved before the wrapper kept it
     pred = generate(m, tok, [prompt_text(question, tok, fmt)], max_new_tokens=64)[0]
     line = pred.strip()
     if m.keygate is not None:

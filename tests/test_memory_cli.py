@@ -6,8 +6,11 @@ import json
 import pytest
 
 from factlab.corpus.store import save_world
+from factlab.errors import FactlabError
 from factlab.memory import metrics as M
+from factlab.memory.model import MemoryModel
 from factlab.model.build import build_model
+from factlab.model.load import load_any
 from factlab.tokens.tokenizer import world_tokenizer
 
 from conftest import cli, make
@@ -74,6 +77,11 @@ def test_memory_tune_random_facts_then_ask(tiny, capsys):
     assert cli("memory", "ask", out, fact["question"]) == 0
     said = capsys.readouterr().out
     assert said.splitlines()[0].strip() == fact["answer"] and "holds this question" in said
+    # the prompt format the facts were stored in travels with the saved memory model
+    marker = json.loads((out / "model" / "factlab_wrapper.json").read_text())
+    assert marker["config"]["prompt_format"] == "plain"
+    with pytest.raises(FactlabError, match="prompt_format"):
+        MemoryModel(load_any(tiny / "hf"), prompt_format="xml")
     # the same command again: the finished run resumes (nothing to do), same results
     assert cli("memory", "tune", tiny / "hf", "--random", 16, "--world", tiny / "world",
                "--out", out, "--minutes", 10, *SMALL) == 0

@@ -47,8 +47,13 @@ class MemoryModel(FrozenBackbone):
                  query: str | None = None,
                  null: float | None = None, seed: int = 0,
                  backbone_path: str | None = None,
-                 backbone_train: bool = False):
+                 backbone_train: bool = False, prompt_format: str = "plain"):
         super().__init__(backbone, backbone_path=backbone_path, backbone_train=backbone_train)
+        if prompt_format not in ("plain", "chat"):
+            raise FactlabError(f"memory prompt_format={prompt_format!r}: plain or chat")
+        # how the stored questions were put to the backbone (factlab.tokens.prompts): a
+        # question asked another way does not reach the same key
+        self.prompt_format = prompt_format
         blocks = decoder_layers(backbone)
         gate = {True: "learned", False: None, "none": None}.get(gate, gate)
         if layers is None:  # with a key gate: at the head's input (see the module doc)
@@ -385,4 +390,5 @@ class MemoryModel(FrozenBackbone):
     def wrapper_config(self) -> dict:
         return {"layers": self.layers, "gate": self.gate_kind or False, "seed": self.seed,
                 "radius": self.radius if self.keygate is not None else 0.98,
-                "query": self.query, "span": self.span, **self.kw}
+                "query": self.query, "span": self.span, "prompt_format": self.prompt_format,
+                **self.kw}

@@ -541,7 +541,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
                     key_dim=cfg.key_dim, layers=cfg.layers, routing=cfg.routing,
                     gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
-                    radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span)
+                    radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span,
+                    prompt_format=cfg.prompt_format)
     writes, val_states = None, None
     if m.keygate is not None and not seq:
         m.write_keys(enc)
