@@ -3,6 +3,13 @@ time of a memory-augmented model vs its bare backbone.
 
     python bench/memory_lookup.py [--slots 65536,1048576] [--queries 4096] [--heads 4]
                                   [--topk 32] [--key-dim 64] [--width 128]
+    python bench/memory_lookup.py --gate 10000,100000,1000000 [--queries 4096]
+
+``--gate N,...``: the key gate's nearest-key search instead, for N stored keys: the exact
+codebook (``index=exact``, every key, torch) vs FAISS HNSW (``index=faiss-hnsw``; needs
+faiss-cpu), queries/s of each, the ratio, the index's build time, and how often HNSW
+returns the exact nearest key (queries near a stored key, as a stored question's state
+is, and random ones).
 
 For each bank size: queries/s of ``ProductKeyMemory.route`` (two half-key scorings of
 sqrt(N) keys each, top-k of each, top-k of the k² sums) and of the exhaustive reference
@@ -40,8 +47,13 @@ def main() -> None:
     ap.add_argument("--key-dim", type=int, default=64)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ef", default="16,64,128", help="--gate: HNSW efSearch values")
+    ap.add_argument("--gate", default="", help="stored keys, comma-separated: bench the "
+                    "key gate's search (exact vs FAISS HNSW) instead")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    if a.gate:
+        return gate_search(a)
     from factlab.memory import MemoryModel, ProductKeyMemory, bank_bytes
     from factlab.model.build import build_model
 
@@ -116,6 +128,38 @@ def main() -> None:
     print(f"step, key gate + 65,536-slot bank at the head's input (36 of 56 positions open): "
           f"{1000 * t_gated:.0f} ms, overhead {100 * (t_gated / t_bare - 1):.0f}%")
     bb.get_output_embeddings().weight.requires_grad_(False)
+
+
+def gate_search(a) -> None:
+    import faiss
+
+    from factlab.memory.gate import KeyGate
+
+    faiss.omp_set_num_threads(a.threads)
+    print(f"key gate search, width {a.width}, {a.queries} queries, {a.threads} threads")
+    print(f"{'keys':>10} {'efSearch':>8} {'exact q/s':>10} {'HNSW q/s':>10} {'ratio':>7} "
+          f"{'HNSW build':>11} {'same key (near)':>16} {'same key (random)':>18}")
+    g = torch.Generator().manual_seed(0)
+    for n in (int(s) for s in a.gate.split(",")):
+        keys = torch.randn(n, a.width, generator=g)
+        exact, hnsw = KeyGate(a.width, index="exact"), KeyGate(a.width, index="faiss-hnsw")
+        exact.add(keys)
+        hnsw.add(keys)
+        pick = torch.randint(0, n, (a.queries,), generator=g)
+        near = keys[pick] + 0.3 * torch.randn(a.queries, a.width, generator=g)
+        rand = torch.randn(a.queries, a.width, generator=g)
+        t0 = time.perf_counter()
+        hnsw.match(near[:1])  # builds the index
+        build = time.perf_counter() - t0
+        t_ex = timed(lambda: exact.match(near), reps=1)
+        for ef in (int(e) for e in a.ef.split(",")):
+            hnsw.ef_search = ef
+            t_hn = timed(lambda: hnsw.match(near))
+            same = [float((hnsw.match(q, index=True)[1] == exact.match(q, index=True)[1])
+                          .float().mean()) for q in (near, rand)]
+            print(f"{n:>10,} {ef:>8} {a.queries / t_ex:>10,.0f} {a.queries / t_hn:>10,.0f} "
+                  f"{t_ex / t_hn:>6.1f}x {build:>10.1f}s {100 * same[0]:>15.1f}% "
+                  f"{100 * same[1]:>17.1f}%")
 
 
 if __name__ == "__main__":

@@ -374,6 +374,54 @@ def test_key_routing_gives_each_stored_question_its_own_rows(setting):
         MemoryModel(s["backbone"], n_keys=8, routing="key")
 
 
+def test_faiss_key_index_finds_the_exact_nearest_key():
+    pytest.importorskip("faiss")  # in the dev extra: CI has it
+    from factlab.memory.gate import KeyGate
+
+    g = torch.Generator().manual_seed(0)
+    keys, q = torch.randn(3000, 32, generator=g), torch.randn(500, 32, generator=g)
+    exact, flat, hnsw = (KeyGate(32, index=i) for i in ("exact", "faiss-flat", "faiss-hnsw"))
+    for k in (exact, flat, hnsw):
+        assert k.match(q).eq(-1).all()  # nothing stored: -1, as the exact codebook says
+        k.add(keys[:2000])
+    (v0, i0), (v1, i1), (v2, i2) = (k.match(q, index=True) for k in (exact, flat, hnsw))
+    assert torch.equal(i1, i0) and torch.allclose(v1, v0, atol=1e-5)  # exhaustive: equal
+    assert (v2 <= v0 + 1e-5).all()  # approximate: never a closer key than the nearest,
+    near = keys[:2000:4] + 0.3 * torch.randn(500, 32, generator=g)  # and near a stored key
+    assert (hnsw.match(near, index=True)[1] == exact.match(near, index=True)[1]).float() \
+        .mean() >= 0.99  # (as a stored question's state is) nearly always the same key
+    for k in (exact, flat, hnsw):  # a write rebuilds the index: the new keys are found
+        k.add(keys[2000:])
+    new = keys[2500:2600] + 0.01 * torch.randn(100, 32, generator=g)
+    assert torch.equal(flat.match(new, index=True)[1], exact.match(new, index=True)[1])
+    assert (hnsw.match(new, index=True)[1] == torch.arange(2500, 2600)).all()
+    with pytest.raises(FactlabError, match="index='annoy'"):
+        KeyGate(32, index="annoy")
+
+
+def test_a_faiss_keyed_memory_model_gives_the_exact_ones_outputs(setting, tmp_path):
+    pytest.importorskip("faiss")
+    s = setting
+    stored, other = s["enc"].take(np.arange(4)), encode_known(s, 4)
+    outs = []
+    for ix in ("exact", "faiss-flat"):
+        m = MemoryModel(s["backbone"], n_keys=8, heads=2, topk=4, key_dim=8, gate="keys",
+                        routing="key", span=12, key_index=ix)
+        with torch.no_grad():
+            for b in m.banks:
+                b.values.weight.copy_(torch.randn(b.values.weight.shape,
+                                                  generator=torch.Generator().manual_seed(1)))
+        m.write_keys(stored)
+        outs.append([m(input_ids=torch.from_numpy(e.example(q).astype(np.int64))[None]).logits
+                     for e in (stored, other) for q in range(4)])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*outs))
+    m.save_pretrained(tmp_path / "m")  # the index kind travels with the model, rebuilt
+    again = load_any(tmp_path / "m")  # from the saved keys
+    assert again.keygate.search == "faiss-flat"
+    x = torch.from_numpy(stored.example(2).astype(np.int64))[None]
+    assert torch.equal(again(input_ids=x).logits, m(input_ids=x).logits)
+
+
 def test_sequential_writes_with_key_routing_need_no_replay(setting, tmp_path):
     from factlab.evaluate.generate import evaluate_qa
 

@@ -11,8 +11,15 @@ the wrapped model is the backbone bit for bit (the bank's output is not added at
 
 The gate is not trained and holds no values: the product-key bank still stores every
 answer; the codebook only decides *whether* to read it. It costs ``facts x width`` floats
-and one matrix product per position (exhaustive: fine up to ~10^5 stored questions on a
-CPU; beyond that an approximate index is the option to add). The nearest-key cosine is
+and, with ``index="exact"`` (the default), one matrix product per position against every
+key: fine up to ~10^5 stored questions on a CPU. ``index="faiss-hnsw"`` searches a FAISS
+HNSW graph over the same keys instead (faiss-cpu, the optional extra ``factlab[faiss]``;
+Lamini's public reference code also keeps one FAISS entry per fact): sub-linear in the
+keys, approximate (a query can miss its nearest key, i.e. the gate stays shut where the
+exact codebook would open: ``bench/memory_lookup.py --gate`` measures how often).
+``index="faiss-flat"`` is FAISS's exhaustive inner product, equal to the exact codebook.
+The keys (a buffer, saved with the model) stay the truth; the FAISS index is built from
+them when first searched and again after every write, never saved. The nearest-key cosine is
 also the bank's confidence that it holds a question (``MemoryModel.question_scores``), the
 score abstention is read from.
 
@@ -31,12 +38,31 @@ from torch.nn import functional as F
 from factlab.errors import FactlabError
 
 
+INDEXES = ("exact", "faiss-flat", "faiss-hnsw")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:
+        raise FactlabError("key gate index faiss-flat / faiss-hnsw needs faiss-cpu "
+                           "(pip install 'factlab[faiss]'), or index=exact") from e
+    return faiss
+
+
 class KeyGate(nn.Module):
-    def __init__(self, dim: int, radius: float = 0.98):
+    def __init__(self, dim: int, radius: float = 0.98, index: str = "exact",
+                 hnsw_m: int = 32, ef_search: int = 64):
         super().__init__()
         if not -1.0 < radius <= 1.0:
             raise FactlabError(f"key gate: radius must be in (-1, 1], got {radius}")
+        if index not in INDEXES:
+            raise FactlabError(f"key gate index={index!r}: choose {', '.join(INDEXES)}")
+        if index != "exact":
+            _faiss()  # a missing package fails here, not at the first search
         self.radius = float(radius)
+        self.search, self.hnsw_m, self.ef_search = index, int(hnsw_m), int(ef_search)
+        self._faiss_index = None  # built from ``keys`` when first searched
         self.register_buffer("keys", torch.zeros(0, dim))
         # statistics of the questions first stored: the bank's query reads the question's
         # state centred and whitened by them (questions of one template share most of
@@ -68,9 +94,29 @@ class KeyGate(nn.Module):
         """Store the (n, dim) states as keys (L2-normalised, fp32)."""
         k = F.normalize(states.detach().float(), dim=-1).to(self.keys.device)
         self.keys = torch.cat([self.keys, k])
+        self._faiss_index = None
 
     def clear(self) -> None:
         self.keys = self.keys[:0]
+        self._faiss_index = None
+
+    def _search_faiss(self, x: torch.Tensor):
+        faiss = _faiss()
+        if self._faiss_index is None or self._faiss_index.ntotal != len(self):
+            d = self.keys.shape[1]
+            if self.search == "faiss-hnsw":
+                ix = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                ix.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
+            else:
+                ix = faiss.IndexFlatIP(d)
+            ix.add(np.ascontiguousarray(self.keys.detach().cpu().numpy(), dtype=np.float32))
+            self._faiss_index = ix
+        if self.search == "faiss-hnsw":
+            self._faiss_index.hnsw.efSearch = self.ef_search
+        v, i = self._faiss_index.search(
+            np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32), 1)
+        return (torch.from_numpy(v[:, 0]).to(x.device),
+                torch.from_numpy(i[:, 0].astype(np.int64)).to(x.device))
 
     def match(self, h: torch.Tensor, chunk: int = 65536, index: bool = False):
         """The nearest stored key's cosine for every row of ``h`` (..., dim): (...,) fp32;
@@ -80,6 +126,12 @@ class KeyGate(nn.Module):
         x = F.normalize(h.reshape(-1, h.shape[-1]).float(), dim=-1)
         best = torch.full((x.shape[0],), -1.0, device=h.device)
         arg = torch.full((x.shape[0],), -1, dtype=torch.long, device=h.device)
+        if self.search != "exact" and len(self) and len(x):
+            v, i = self._search_faiss(x)
+            found = i >= 0  # HNSW returns -1 where it found nothing
+            best = torch.where(found, v, best)
+            arg = torch.where(found, i, arg)
+            return (best.view(lead), arg.view(lead)) if index else best.view(lead)
         for s in range(0, len(self), chunk):
             v, i = (x @ self.keys[s:s + chunk].T).max(-1)
             better = v > best
@@ -91,6 +143,7 @@ class KeyGate(nn.Module):
         k = state_dict.get(prefix + "keys")
         if k is not None:  # the codebook's size is the saved one
             self.keys = torch.empty_like(k, device=self.keys.device)
+            self._faiss_index = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kw)
 
 

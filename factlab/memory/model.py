@@ -47,7 +47,8 @@ class MemoryModel(FrozenBackbone):
                  query: str | None = None,
                  null: float | None = None, seed: int = 0,
                  backbone_path: str | None = None,
-                 backbone_train: bool = False, prompt_format: str = "plain"):
+                 backbone_train: bool = False, prompt_format: str = "plain",
+                 key_index: str = "exact"):
         super().__init__(backbone, backbone_path=backbone_path, backbone_train=backbone_train)
         if prompt_format not in ("plain", "chat"):
             raise FactlabError(f"memory prompt_format={prompt_format!r}: plain or chat")
@@ -93,7 +94,9 @@ class MemoryModel(FrozenBackbone):
             for g in self.gates:  # starts half open; zero values keep the output exact
                 nn.init.zeros_(g.weight)
                 nn.init.zeros_(g.bias)
-        self.keygate = KeyGate(d, radius) if gate == "keys" else None
+        # the key gate's nearest-key search: exact, or a FAISS index (memory/gate.py)
+        self.keygate = KeyGate(d, radius, index=key_index) if gate == "keys" else None
+        self.key_index = key_index
         self.key_layer = min(ints) if ints else len(blocks) - 1
         self._call: dict = {}  # per forward: fresh sequence?, attention mask
         self._open = None  # (B, T) bool: where the key gate lets the banks act
@@ -391,4 +394,4 @@ class MemoryModel(FrozenBackbone):
         return {"layers": self.layers, "gate": self.gate_kind or False, "seed": self.seed,
                 "radius": self.radius if self.keygate is not None else 0.98,
                 "query": self.query, "span": self.span, "prompt_format": self.prompt_format,
-                **self.kw}
+                "key_index": self.key_index, **self.kw}

@@ -74,6 +74,9 @@ class MemorySettings(Strict):
     gate: Literal["keys", "learned", "none"] = "keys"
     radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
     radius_margin: float = Field(0.5, gt=0, le=1)
+    # the key gate's nearest-key search: exact (every key), or FAISS (faiss-cpu, optional
+    # extra): faiss-flat (exhaustive, equal to exact), faiss-hnsw (approximate, sub-linear)
+    key_index: Literal["exact", "faiss-flat", "faiss-hnsw"] = "exact"
     # tuning
     value_lr: float | None = Field(None, gt=0, description="None: 0.5, or 2.0 with key "
                                    "routing (one row per position learns in fewer steps)")
@@ -542,7 +545,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                     key_dim=cfg.key_dim, layers=cfg.layers, routing=cfg.routing,
                     gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
                     radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span,
-                    prompt_format=cfg.prompt_format)
+                    prompt_format=cfg.prompt_format, key_index=cfg.key_index)
     writes, val_states = None, None
     if m.keygate is not None and not seq:
         m.write_keys(enc)
