@@ -28,7 +28,7 @@ def test_product_key_top_k_equals_brute_force():
 
 
 @pytest.mark.parametrize("arch", ["gpt2-rope", "llama"])
-@pytest.mark.parametrize("opts", [{}, {"gate": True, "null": 0.0}])
+@pytest.mark.parametrize("opts", [{}, {"gate": True, "null": 0.0}, {"experts": "peer"}])
 def test_a_zero_bank_leaves_the_backbone_exact(arch, opts):
     bb = build_model(arch, "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
     m = MemoryModel(bb, n_keys=16, heads=2, topk=4, key_dim=8, **opts)
@@ -59,15 +59,51 @@ def test_only_the_selected_rows_get_a_gradient_and_change():
     assert changed == rows and len(rows) < bank.slots
 
 
+def test_peer_experts_add_each_selected_experts_activation_and_train_sparsely():
+    torch.manual_seed(2)
+    bank = ProductKeyMemory(16, 8, n_keys=32, heads=2, topk=4, key_dim=8, experts="peer")
+    with torch.no_grad():
+        bank.values.weight.normal_()
+    x = torch.randn(5, 16)
+    out, scores, idx = bank(x, return_route=True)
+    w = torch.softmax(scores, -1)  # by hand: sum over selected i of w_i gelu(u_i.x) v_i
+    u, v = bank.down.weight[idx], bank.values.weight[idx]  # (5, H, k, d)
+    xn = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()  # x at unit RMS
+    act = torch.nn.functional.gelu((u * xn[:, None, None]).sum(-1))
+    assert torch.allclose(out, (w[..., None] * act[..., None] * v).sum((1, 2)), atol=1e-5)
+    (out * torch.randn_like(out)).sum().backward()
+    for p in (bank.values.weight, bank.down.weight):  # only the selected rows, both tables
+        assert p.grad.is_sparse
+        assert set(p.grad.coalesce().indices()[0].tolist()) == set(idx.flatten().tolist())
+    # it stores: 64 inputs -> 64 random outputs, routing frozen, experts trained
+    bank = ProductKeyMemory(16, 8, n_keys=32, heads=2, topk=4, key_dim=8, experts="peer",
+                            routing="hash")
+    x, y = torch.randn(64, 16), torch.randn(64, 8)
+    opt = torch.optim.SparseAdam([bank.values.weight, bank.down.weight], lr=0.05)
+    first = None
+    for _ in range(300):
+        loss = (bank(x) - y).pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05 * first
+    assert bank_bytes(1024, 8, d_in=16, peer=True)["values"] == 1024 * (8 + 16) * 4
+
+
 def test_bank_bytes_and_bad_settings():
     b = bank_bytes(1024 ** 2, 128)
     assert b["values"] == 1024 ** 2 * 128 * 4 and b["optimizer_state"] < b["values"] / 10
     assert bank_bytes(1024 ** 2, 128, optimizer="sparse_adam")["optimizer_state"] > 2 * b["values"]
     with pytest.raises(FactlabError, match="routing"):
         ProductKeyMemory(8, 8, routing="magic")
+    with pytest.raises(FactlabError, match="experts"):
+        ProductKeyMemory(8, 8, experts="moe")
     bb = build_model("gpt2-rope", "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
     with pytest.raises(FactlabError, match="memory layers"):
         MemoryModel(bb, layers=[5])
+    with pytest.raises(FactlabError, match="choose one"):
+        MemoryModel(bb, gate="keys", routing="key", experts="peer")
     with pytest.raises(FactlabError, match="tau"):
         MemoryTuning(None, 32, 1, tau=0)
 

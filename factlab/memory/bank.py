@@ -14,6 +14,14 @@ model equals its backbone bit for bit). Routing (the query projection and the ke
 ``learned`` (trains with the values), ``pinned`` (trains for a while, then frozen so a fact
 always hits the same slots) or ``hash`` (frozen at its seeded random init from the start:
 a deterministic, locality-sensitive hash of the hidden state).
+
+``experts="peer"`` makes every slot a singleton expert (He 2024, "Mixture of A Million
+Experts", PEER): slot i holds a down vector u_i (d_in) besides its value v_i (d_out), and a
+selected slot adds ``w_i * gelu(u_i . x) * v_i`` instead of ``w_i * v_i`` (x at unit RMS),
+so what a slot
+writes depends on the input, not only on whether it was selected. The u rows are gathered
+with a sparse embedding (only the selected rows get a gradient, trained with the values);
+v starts at zero, so the bank still adds exactly nothing before tuning.
 """
 
 from __future__ import annotations
@@ -27,13 +35,16 @@ from torch.nn import functional as F
 from factlab.errors import FactlabError
 
 ROUTINGS = ("learned", "pinned", "hash")
+EXPERTS = ("values", "peer")
 
 
 class ProductKeyMemory(nn.Module):
     def __init__(self, d_in: int, d_out: int, *, n_keys: int = 256, heads: int = 4,
                  topk: int = 32, key_dim: int = 64, routing: str = "learned", seed: int = 0,
-                 null: float | None = None):
+                 null: float | None = None, experts: str = "values"):
         super().__init__()
+        if experts not in EXPERTS:
+            raise FactlabError(f"experts={experts!r}: choose one of {', '.join(EXPERTS)}")
         if routing not in ROUTINGS:
             raise FactlabError(f"routing={routing!r}: choose one of {', '.join(ROUTINGS)}")
         if key_dim % 2 or key_dim < 2:
@@ -55,6 +66,13 @@ class ProductKeyMemory(nn.Module):
         self.null = nn.Parameter(torch.full((heads,), float(null))) if null is not None else None
         self.values = nn.EmbeddingBag(n_keys * n_keys, d_out, mode="sum", sparse=True)
         nn.init.zeros_(self.values.weight)
+        self.experts = experts
+        self.down = None
+        if experts == "peer":  # the singleton experts' input vectors u_i
+            self.down = nn.Embedding(n_keys * n_keys, d_in, sparse=True)
+            with torch.no_grad():
+                self.down.weight.copy_(torch.randn(n_keys * n_keys, d_in, generator=g) /
+                                       math.sqrt(d_in))
         if routing == "hash":
             self.router_parameters_frozen(True)
 
@@ -96,8 +114,13 @@ class ProductKeyMemory(nn.Module):
         else:
             w = torch.softmax(scores, dim=-1)  # fp32, per head; the heads' outputs add
         T = flat.shape[0]
-        out = self.values(idx.view(T, -1), per_sample_weights=w.reshape(T, -1).to(
-            self.values.weight.dtype))
+        w = w.reshape(T, -1)
+        if self.down is not None:  # PEER: each selected expert's own activation, on the
+            u = self.down(idx.view(T, -1))  # input at unit RMS (u_i . x ~ N(0, 1) at init,
+            xf = flat.float()  # whatever the scale of the state it reads)
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+            w = w * F.gelu(torch.einsum("tkd,td->tk", u.float(), xf))
+        out = self.values(idx.view(T, -1), per_sample_weights=w.to(self.values.weight.dtype))
         out = out.view(*lead, self.d_out)
         return (out, scores, idx) if return_route else out
 
@@ -114,15 +137,17 @@ class ProductKeyMemory(nn.Module):
 
 
 def bank_bytes(slots: int, width: int, *, heads: int = 4, key_dim: int = 64, d_in: int | None = None,
-               n_keys: int | None = None, dtype_bytes: int = 4, optimizer: str = "row_adagrad"
-               ) -> dict:
+               n_keys: int | None = None, dtype_bytes: int = 4, optimizer: str = "row_adagrad",
+               peer: bool = False) -> dict:
     """Bytes of a bank's weights and of its optimizer state (values by the sparse-row
     optimizer, router by dense Adam), before building it: lets a too-large bank fail with
-    a clear message instead of an out-of-memory kill."""
+    a clear message instead of an out-of-memory kill. ``peer``: the values include each
+    slot's down vector (``d_in`` floats)."""
     n = n_keys or int(round(math.sqrt(slots)))
     d_in = d_in or width
-    values = slots * width * dtype_bytes
+    values = slots * width * dtype_bytes + (slots * d_in * dtype_bytes if peer else 0)
     router = (heads * key_dim * d_in + heads * 2 * n * (key_dim // 2)) * 4
-    state = {"row_adagrad": slots * 4, "sparse_adam": 2 * values, "sgd": 0}[optimizer]
+    state = {"row_adagrad": slots * 4 * (2 if peer else 1), "sparse_adam": 2 * values,
+             "sgd": 0}[optimizer]
     return {"values": values, "router": router, "optimizer_state": state + 2 * router,
             "total": values + router + state + 2 * router}

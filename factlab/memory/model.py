@@ -45,7 +45,7 @@ class MemoryModel(FrozenBackbone):
                  span: int = 64,
                  gate: bool | str | None = False, radius: float = 0.98,
                  query: str | None = None,
-                 null: float | None = None, seed: int = 0,
+                 null: float | None = None, seed: int = 0, experts: str = "values",
                  backbone_path: str | None = None,
                  backbone_train: bool = False, prompt_format: str = "plain",
                  key_index: str = "exact"):
@@ -81,8 +81,11 @@ class MemoryModel(FrozenBackbone):
         if routing == "key" and not 1 <= span <= n_keys * n_keys:
             raise FactlabError(f"memory span={span}: must be in [1, {n_keys * n_keys}]")
         self.span = int(span)  # key routing: slots per stored question (answer positions)
+        if routing == "key" and experts != "values":
+            raise FactlabError("memory experts='peer' selects experts by product keys; "
+                               "routing='key' reads one row per position: choose one")
         self.kw = dict(n_keys=n_keys, heads=heads, topk=topk, key_dim=key_dim, routing=routing,
-                       null=null)
+                       null=null, experts=experts)
         self.seed = seed
         # key routing reads no query: its banks' (unused) routers stay frozen
         bank_kw = {**self.kw, "routing": "hash" if routing == "key" else routing}
@@ -355,6 +358,10 @@ class MemoryModel(FrozenBackbone):
     # --------------------------------------------------------------- parameter groups
     def value_parameters(self) -> list[nn.Parameter]:
         return [b.values.weight for b in self.banks]
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """PEER experts' down vectors (sparse rows; none without ``experts='peer'``)."""
+        return [b.down.weight for b in self.banks if b.down is not None]
 
     def router_parameters(self) -> list[nn.Parameter]:
         return [p for b in self.banks for p in b.router_parameters()]

@@ -67,6 +67,9 @@ class MemorySettings(Strict):
     # key gate's nearest key: no sharing (needs gate=keys; an option, not the product-key
     # headline)
     routing: Literal["learned", "pinned", "hash", "key"] = "pinned"
+    # what a selected slot adds: its value (product-key memory), or a PEER singleton
+    # expert's gelu(u . x) * value (memory/bank.py)
+    experts: Literal["values", "peer"] = "values"
     span: int | None = Field(None, ge=1, description="key routing: rows per stored question "
                              "(None: the longest answer + 4)")
     pin_steps: int | None = Field(None, ge=0, description="router steps before pinning "
@@ -81,6 +84,7 @@ class MemorySettings(Strict):
     value_lr: float | None = Field(None, gt=0, description="None: 0.5, or 2.0 with key "
                                    "routing (one row per position learns in fewer steps)")
     router_lr: float = Field(3e-4, gt=0)
+    expert_lr: float = Field(0.01, gt=0, description="experts=peer: the down vectors' lr")
     sparse_optimizer: Literal["sparse_adam", "row_adagrad", "sgd"] = "sparse_adam"
     tau: float = Field(0.05, gt=0)
     revisit: float = Field(0.1, ge=0, lt=1)
@@ -128,7 +132,8 @@ def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
 
     q_in = 2 * width if cfg.gate == "keys" else width
     one = bank_bytes(cfg.n_keys ** 2, width, heads=cfg.heads, key_dim=cfg.key_dim, d_in=q_in,
-                     n_keys=cfg.n_keys, optimizer=cfg.sparse_optimizer)
+                     n_keys=cfg.n_keys, optimizer=cfg.sparse_optimizer,
+                     peer=cfg.experts == "peer")
     need = {k: v * n_banks for k, v in one.items()}
     free = _available_bytes()
     if free is not None and need["total"] > 0.8 * free:
@@ -544,6 +549,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
                     key_dim=cfg.key_dim, layers=cfg.layers, routing=cfg.routing,
                     gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
+                    experts=cfg.experts,
                     radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span,
                     prompt_format=cfg.prompt_format, key_index=cfg.key_index)
     writes, val_states = None, None
@@ -565,6 +571,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     value_lr = cfg.value_lr or (2.0 if cfg.routing == "key" else 0.5)
     plug = MemoryTuning(enc, longest, tok.pad_token_id, tau=cfg.tau, revisit=cfg.revisit,
                         value_lr=value_lr, router_lr=cfg.router_lr, pin_steps=pin_steps,
+                        expert_lr=cfg.expert_lr,
                         seed=cfg.seed, minutes=cfg.minutes, writes=writes, replay=cfg.replay,
                         radius_from=val_states, radius_margin=cfg.radius_margin)
     t0 = time.perf_counter()

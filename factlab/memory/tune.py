@@ -60,6 +60,7 @@ class MemoryTuning(Plugin):
     def __init__(self, facts, seq_len: int, pad_id: int, *, tau: float = 0.05,
                  revisit: float = 0.1, value_lr: float = 0.05, router_lr: float = 1e-3,
                  gate_lr: float = 1e-3, pin_steps: int = 200, seed: int = 0,
+                 expert_lr: float = 0.01,
                  negatives=None, negative_fraction: float = 0.0, minutes: float | None = None,
                  shrink: bool = True, writes=None, replay: bool = False, radius_from=None,
                  radius_margin: float = 0.5):
@@ -79,6 +80,7 @@ class MemoryTuning(Plugin):
         self.facts, self.seq_len, self.pad_id = facts, int(seq_len), int(pad_id)
         self.tau, self.revisit, self.seed = float(tau), float(revisit), int(seed)
         self.value_lr, self.router_lr, self.gate_lr = value_lr, router_lr, gate_lr
+        self.expert_lr = float(expert_lr)
         self.pin_steps = int(pin_steps)
         self.shrink = bool(shrink)
         self.minutes, self._t0 = minutes, None  # a wall-time budget for the tuning
@@ -159,6 +161,9 @@ class MemoryTuning(Plugin):
         m = loop.model
         groups = [{"params": m.value_parameters(), "sparse": True, "lr": self.value_lr,
                    "name": "memory values"}]
+        if m.expert_parameters():  # PEER's down vectors: a step of value_lr on them
+            groups.append({"params": m.expert_parameters(), "sparse": True,  # swings every
+                           "lr": self.expert_lr, "name": "memory experts"})  # activation
         if m.kw["routing"] not in ("hash", "key"):  # key routing has no router
             groups.append({"params": m.router_parameters(), "lr": self.router_lr,
                            "weight_decay": 0.0, "name": "memory routers"})
