@@ -433,6 +433,9 @@ def test_faiss_key_index_finds_the_exact_nearest_key():
     assert (hnsw.match(new, index=True)[1] == torch.arange(2500, 2600)).all()
     with pytest.raises(FactlabError, match="index='annoy'"):
         KeyGate(32, index="annoy")
+    bb = build_model("gpt2-rope", "tiny", 64, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    with pytest.raises(FactlabError, match="needs gate='keys'"):
+        MemoryModel(bb, key_index="faiss-hnsw")
 
 
 def test_a_faiss_keyed_memory_model_gives_the_exact_ones_outputs(setting, tmp_path):

@@ -295,16 +295,13 @@ def trace_table(results: dict) -> list[str]:
     for kind, by in results["kinds"].items():
         for routing, r in by.items():
             tr = r["tuning"].get("trace") or []
+            rows: list[dict] = []  # the first row reaching each count (each row once)
             for e in MILESTONES:
                 t = next((t for t in tr if t["exposures_mean"] >= e), None)
-                if t is None:
-                    break
-                lines.append(f"| {kind} | {routing} | {t['exposures_mean']:.1f} | "
-                             f"{t['step']:.0f} | {_pct(t['argmax'])} | {_pct(t['done'])} | "
-                             f"{t['nll_p10']:.3g} / {t['nll_p50']:.3g} / {t['nll_p90']:.3g} |")
-            if tr:
-                t = tr[-1]
-                lines.append(f"| {kind} | {routing} | {t['exposures_mean']:.1f} (end) | "
+                if t is not None and not any(t is x for x in rows):
+                    rows.append(t)
+            for t, end in [(t, "") for t in rows] + ([(tr[-1], " (end)")] if tr else []):
+                lines.append(f"| {kind} | {routing} | {t['exposures_mean']:.1f}{end} | "
                              f"{t['step']:.0f} | {_pct(t['argmax'])} | {_pct(t['done'])} | "
                              f"{t['nll_p10']:.3g} / {t['nll_p50']:.3g} / {t['nll_p90']:.3g} |")
     return lines

@@ -18,10 +18,10 @@ a deterministic, locality-sensitive hash of the hidden state).
 ``experts="peer"`` makes every slot a singleton expert (He 2024, "Mixture of A Million
 Experts", PEER): slot i holds a down vector u_i (d_in) besides its value v_i (d_out), and a
 selected slot adds ``w_i * gelu(u_i . x) * v_i`` instead of ``w_i * v_i`` (x at unit RMS),
-so what a slot
-writes depends on the input, not only on whether it was selected. The u rows are gathered
-with a sparse embedding (only the selected rows get a gradient, trained with the values);
-v starts at zero, so the bank still adds exactly nothing before tuning.
+so what a slot writes depends on the input, not only on whether it was selected. The u
+rows are gathered with a sparse embedding (only the selected rows get a gradient; they
+train in their own sparse group at their own lr); v starts at zero, so the bank still adds
+exactly nothing before tuning.
 """
 
 from __future__ import annotations

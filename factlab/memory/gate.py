@@ -19,7 +19,8 @@ keys, approximate (a query can miss its nearest key, i.e. the gate stays shut wh
 exact codebook would open: ``bench/memory_lookup.py --gate`` measures how often).
 ``index="faiss-flat"`` is FAISS's exhaustive inner product, equal to the exact codebook.
 The keys (a buffer, saved with the model) stay the truth; the FAISS index is built from
-them when first searched and again after every write, never saved. The nearest-key cosine is
+them when first searched, takes each later write's keys as they are added, and is never
+saved. The nearest-key cosine is
 also the bank's confidence that it holds a question (``MemoryModel.question_scores``), the
 score abstention is read from.
 
@@ -48,6 +49,10 @@ def _faiss():
         raise FactlabError("key gate index faiss-flat / faiss-hnsw needs faiss-cpu "
                            "(pip install 'factlab[faiss]'), or index=exact") from e
     return faiss
+
+
+def _np32(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().cpu().numpy(), dtype=np.float32)
 
 
 class KeyGate(nn.Module):
@@ -94,7 +99,8 @@ class KeyGate(nn.Module):
         """Store the (n, dim) states as keys (L2-normalised, fp32)."""
         k = F.normalize(states.detach().float(), dim=-1).to(self.keys.device)
         self.keys = torch.cat([self.keys, k])
-        self._faiss_index = None
+        if self._faiss_index is not None:  # a built index takes the new keys (HNSW
+            self._faiss_index.add(_np32(k))  # inserts them), not a rebuild of all
 
     def clear(self) -> None:
         self.keys = self.keys[:0]
@@ -102,19 +108,19 @@ class KeyGate(nn.Module):
 
     def _search_faiss(self, x: torch.Tensor):
         faiss = _faiss()
-        if self._faiss_index is None or self._faiss_index.ntotal != len(self):
+        if self._faiss_index is None or self._faiss_index.ntotal != len(self):  # first search,
+            # or keys loaded / cleared since
             d = self.keys.shape[1]
             if self.search == "faiss-hnsw":
                 ix = faiss.IndexHNSWFlat(d, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
                 ix.hnsw.efConstruction = max(40, 2 * self.hnsw_m)
             else:
                 ix = faiss.IndexFlatIP(d)
-            ix.add(np.ascontiguousarray(self.keys.detach().cpu().numpy(), dtype=np.float32))
+            ix.add(_np32(self.keys))
             self._faiss_index = ix
         if self.search == "faiss-hnsw":
             self._faiss_index.hnsw.efSearch = self.ef_search
-        v, i = self._faiss_index.search(
-            np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32), 1)
+        v, i = self._faiss_index.search(_np32(x), 1)
         return (torch.from_numpy(v[:, 0]).to(x.device),
                 torch.from_numpy(i[:, 0].astype(np.int64)).to(x.device))
 

@@ -97,9 +97,11 @@ class MemoryModel(FrozenBackbone):
             for g in self.gates:  # starts half open; zero values keep the output exact
                 nn.init.zeros_(g.weight)
                 nn.init.zeros_(g.bias)
+        if key_index != "exact" and gate != "keys":
+            raise FactlabError(f"memory key_index={key_index!r} searches the key gate's keys: "
+                               f"it needs gate='keys'")
         # the key gate's nearest-key search: exact, or a FAISS index (memory/gate.py)
         self.keygate = KeyGate(d, radius, index=key_index) if gate == "keys" else None
-        self.key_index = key_index
         self.key_layer = min(ints) if ints else len(blocks) - 1
         self._call: dict = {}  # per forward: fresh sequence?, attention mask
         self._open = None  # (B, T) bool: where the key gate lets the banks act
@@ -401,4 +403,5 @@ class MemoryModel(FrozenBackbone):
         return {"layers": self.layers, "gate": self.gate_kind or False, "seed": self.seed,
                 "radius": self.radius if self.keygate is not None else 0.98,
                 "query": self.query, "span": self.span, "prompt_format": self.prompt_format,
-                "key_index": self.key_index, **self.kw}
+                "key_index": self.keygate.search if self.keygate is not None else "exact",
+                **self.kw}

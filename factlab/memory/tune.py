@@ -161,9 +161,10 @@ class MemoryTuning(Plugin):
         m = loop.model
         groups = [{"params": m.value_parameters(), "sparse": True, "lr": self.value_lr,
                    "name": "memory values"}]
-        if m.expert_parameters():  # PEER's down vectors: a step of value_lr on them
-            groups.append({"params": m.expert_parameters(), "sparse": True,  # swings every
-                           "lr": self.expert_lr, "name": "memory experts"})  # activation
+        if m.expert_parameters():  # PEER's down vectors, at their own (small) lr: the
+            # values' lr on them swings every selected expert's activation (it diverged)
+            groups.append({"params": m.expert_parameters(), "sparse": True,
+                           "lr": self.expert_lr, "name": "memory experts"})
         if m.kw["routing"] not in ("hash", "key"):  # key routing has no router
             groups.append({"params": m.router_parameters(), "lr": self.router_lr,
                            "weight_decay": 0.0, "name": "memory routers"})
