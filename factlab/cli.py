@@ -454,6 +454,9 @@ def probe(
                                             help="per_task (default), per_probe or shared"),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="comma-separated task names, "
                                         "e.g. university/value,major/value"),
+    head: Optional[str] = typer.Option(None, "--head", help="linear (the paper's, default) or "
+                                       "tied (classes scored by the model's own output "
+                                       "embedding; for a few hundred probe-train people)"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch default)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override, e.g. lr=0.003"),
     force: bool = typer.Option(False, "--force", help="replace a probe of other settings"),
@@ -464,7 +467,7 @@ def probe(
 
     _quiet_hf()
     cli = {"kind": kind, "steps": steps, "batch_size": batch_size, "people": people,
-           "rank": rank, "embedding": embedding,
+           "rank": rank, "embedding": embedding, "head": head,
            "tasks": [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None}
     data = deep_merge({k: v for k, v in cli.items() if v is not None}, parse_overrides(set_))
     cfg = build(ProbeConfig, data, source="probe options")

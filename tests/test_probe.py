@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from factlab.errors import FactlabError
 from factlab.model.build import build_model
@@ -116,13 +117,19 @@ def test_tasks_and_labels(permuted):
     dates = w.people.column("birth_date")
     assert [tasks[0].classes[c] for c in y[:, 0]] == [d.split()[0] for d in dates]
     assert tasks[0].classes == list(MONTHS)
+    written = lambda v: tok(" " + v, add_special_tokens=False)["input_ids"]  # noqa: E731
+    assert tasks[0].class_tokens == [written(m) for m in MONTHS]
     for t, task in enumerate(tasks[1:], 1):
         vals = w.people.column(task.attribute)
+        assert len(task.class_tokens) == task.n_classes
         if task.target == "value":
             assert [task.classes[c] for c in y[:, t]] == vals
+            # the tied head's class tokens: the person's own value as bios write it
+            assert [task.class_tokens[c] for c in y[:, t]] == [written(v) for v in vals]
         else:
-            first = [tok(" " + v, add_special_tokens=False)["input_ids"][0] for v in vals]
+            first = [written(v)[0] for v in vals]
             assert [task.classes[c] for c in y[:, t]] == [tok.decode([f]) for f in first]
+            assert [task.class_tokens[c] for c in y[:, t]] == [[f] for f in first]
     with pytest.raises(FactlabError, match="no probe task 'major/nope'"):
         probe_tasks(w, tok, people, ["major/nope"])
 
@@ -179,6 +186,41 @@ def test_batchnorm_learns_running_statistics():
     assert torch.allclose(a, probe(ids, pos)[0][:1], atol=1e-5)
 
 
+def test_tied_head_starts_as_the_models_own_readout_and_round_trips(tmp_path):
+    model = build_model("gpt2-rope", "tiny", 50, 32, bos_id=0, eos_id=0, pad_id=1, seed=0)
+    toks = [[[3], [7, 9], [11]], [[4, 5, 6], [20]]]
+    probe = ProbeModel(model, [3, 2], 2, rank=0, head="tied", class_tokens=toks).eval()
+    ids = torch.randint(2, 50, (4, 10), generator=torch.Generator().manual_seed(0))
+    pos = torch.tensor([[2, 7], [3, 9], [1, 8], [5, 6]])
+    with torch.no_grad():
+        got = probe(ids, pos)
+        h = model.base_model(input_ids=ids).last_hidden_state
+        f = F.layer_norm(h[torch.arange(4)[:, None], pos], (h.shape[-1],))
+        U = model.get_output_embeddings().weight
+        for t, classes in enumerate(toks):  # by hand: LN(h) . mean of the class's rows
+            C = torch.stack([U[c].mean(0) for c in classes])
+            assert torch.allclose(got[t], f @ C.T, atol=1e-5)
+    # nothing per class but a bias: 50 classes cost what 2 do
+    wide = ProbeModel(model, [50, 2], 2, rank=0, head="tied",
+                      class_tokens=[[[i] for i in range(50)], toks[1]])
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert n(wide) - n(probe) == 2 * (50 - 3)
+    with torch.no_grad():
+        probe.tied_map.normal_(0, 0.1)
+        probe.head_bias[1].normal_()
+        want = probe(ids, pos)
+    probe.save_pretrained(tmp_path / "p")
+    back = ProbeModel.from_pretrained(tmp_path / "p", model).eval()
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(back(ids, pos), want))
+    with pytest.raises(FactlabError, match="class tokens"):
+        ProbeModel(model, [3, 2], 2, rank=0, head="tied")
+    with pytest.raises(FactlabError, match="task 1 needs 2 classes"):
+        ProbeModel(model, [3, 2], 2, rank=0, head="tied", class_tokens=[toks[0], [[4]]])
+    with pytest.raises(FactlabError, match="head='mlp'"):
+        ProbeModel(model, [3], 1, head="mlp")
+
+
 # ------------------------------------------------------------------------ training
 
 def test_backbone_is_frozen_bit_identical_and_in_train_mode(determined, tmp_path):
@@ -209,26 +251,43 @@ def test_backbone_is_frozen_bit_identical_and_in_train_mode(determined, tmp_path
     ckpt = load_file(str(tmp_path / "probe_p/checkpoint/model.safetensors"))
     assert ckpt.keys() == saved.keys()
     assert json.loads((tmp_path / "probe_p.json").read_text())["split"]["test"] == 20
+    # a probe finished before `head` existed is the linear probe it was: returned, not
+    # refused as "other settings"; asking for the tied head is refused
+    for f in (tmp_path / "probe_p/settings.json", tmp_path / "probe_p.json"):
+        rec = json.loads(f.read_text())
+        (rec.get("config", rec)).pop("head")
+        f.write_text(json.dumps(rec))
+    assert run_probe(model, tok, w, cfg, tmp_path, progress=False)["tasks"] == res["tasks"]
+    with pytest.raises(FactlabError, match="other settings"):
+        run_probe(model, tok, w, cfg.model_copy(update={"head": "tied"}), tmp_path,
+                  progress=False)
 
 
-@pytest.mark.parametrize("kind,steps", [("p", 50), ("q", 40)])
+@pytest.mark.parametrize("kind,steps,head", [("p", 50, "linear"), ("q", 40, "linear"),
+                                             ("p", 50, "tied"), ("q", 40, "tied")])
 def test_name_determined_attribute_is_read_off_and_random_labels_are_not(
-        determined, tmp_path, kind, steps):
+        determined, tmp_path, kind, steps, head):
     w, tok, model = determined
     cfg = ProbeConfig(kind=kind, steps=steps, batch_size=32, lr=1e-2, precision="no",
-                      tasks=["birth_city/value", "major/value"])
+                      tasks=["birth_city/value", "major/value"], head=head)
     data = prepare(w, tok, cfg, 64)
     assert len(data.train) == len(data.test) == 120
-    # control: labels drawn at random for every person, unknowable from any input
-    data.relabel("birth_city/value", np.random.default_rng(5).integers(0, 4, len(data)))
+    # control: labels drawn at random for every person, unknowable from any input (for
+    # the tied head, dealt out as four of the real majors' tokens)
+    majors = data.tasks[data.task_index("major/value")].class_tokens
+    data.relabel("birth_city/value", np.random.default_rng(5).integers(0, 4, len(data)),
+                 majors if head == "tied" else None)
     res = run_probe(model, tok, w, cfg, tmp_path, data=data, progress=False)
     by = {t["name"]: t for t in res["tasks"]}
+    assert res["probe"]["head"] == head
     major, rand = by["major/value"], by["birth_city/value"]
     assert major["classes"] == rand["classes"] == 4
     test_m = [a for a in major["test"] if a is not None]
     # the first name is in every P-probe prefix. 0.74 on this tiny model since bios are
     # encoded after a space (0.9+ before); chance 0.25, the random control stays <= 0.4
-    assert max(test_m) >= 0.7, major
+    # the tied head reads what the model itself writes: this model writes the major 44% of
+    # the time at its own position (chance 25%); its P-probe reads 0.57, its Q-probe 0.9+
+    assert max(test_m) >= (0.5 if head == "tied" and kind == "p" else 0.7), major
     ceiling = max(rand["chance"], rand["uniform"]) + 0.15
     assert all(a <= ceiling for a in rand["test"] if a is not None), rand
     if kind == "q":

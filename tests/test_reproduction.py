@@ -74,3 +74,34 @@ def test_capacity_runs_enter_the_table(tmp_path):
     assert "| cap / w16-N1500-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
         "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
+
+
+def _probe(kind, tasks, head="tied"):
+    return {"kind": kind, "positions": ["p1", "p2"] if kind == "p" else ["name"],
+            "tasks": tasks, "split": {"train": 200, "test": 200},
+            "probe": {"head": head}, "train": {"steps": 400}}
+
+
+def test_probe_rows_p1_contrast_and_q_with_paper(tmp_path):
+    def t(attr, target, test, chance, own=None):
+        return {"name": f"{attr}/{target}", "attribute": attr, "target": target,
+                "test": test, "chance": chance, "own": own}
+    p = {"single": _probe("p", [t("birth_date", "month", [0.9, 0.2], 0.1, 0.9),
+                                t("major", "first_token", [0.05, 0.1], 0.03, 0.97),
+                                t("major", "value", [0.5, 0.5], 0.03, 0.5)]),
+         "multi5+permute": _probe("p", [t("birth_date", "month", [0.5, 0.5], 0.1, 0.8),
+                                        t("major", "first_token", [0.4, 0.4], 0.03, 0.7)])}
+    q = _probe("q", [t("major", "value", [0.11], 0.025), t("major", "first_token", [0.9], 0.1)])
+    d = _run(tmp_path, "qs", "quickstart", 0, {"single": 0.12, "multi5+permute": 0.93},
+             {c: {"probe": {"p": p[c], **({"q": q} if c == "multi5+permute" else {})}}
+              for c in p})
+    text = "\n".join(reproduction_lines([load_run(d)]))
+    # p1: mean over month + first-token tasks (the value task is left out), own beside it
+    assert "| quickstart / single | 47.5 (6.5) | 93.5 | tied head, 200 probe-train people, " \
+           "400 steps | near chance" in text
+    assert "| quickstart / multi5+permute | 45.0 (6.5) | 75.0 |" in text
+    assert "≈100% from the first position on" in text
+    # Q: whole value only, chance in brackets, the paper's number beside it
+    row = next(ln for ln in text.splitlines() if ln.startswith("| quickstart / multi5+permute")
+               and "OOD" not in ln and "paper 94.9" in ln)
+    assert "11.0 (2.5), paper 94.9" in row and "| 93.0 |" in row

@@ -50,8 +50,8 @@ def probe_section(out: Path, results: list[dict], cells: dict) -> list[str]:
         return []
     lines = ["## Probing", "",
              "A frozen copy of each cell's BIO-pretrained model; a small probe (a low-rank "
-             "update of the token embedding, a norm and a linear classifier) is trained on "
-             "some people and scored on the others (accuracy %, held-out people). *chance*: "
+             "update of the token embedding, a norm and a classifier: linear, or *tied* to the "
+             "model's own output embedding) is trained on some people and scored on the others (accuracy %, held-out people). *chance*: "
              "always answering the most frequent training class. See `docs/probing.md`.", ""]
     for r in probed:
         p = r["probe"].get("p")
@@ -66,7 +66,7 @@ def probe_section(out: Path, results: list[dict], cells: dict) -> list[str]:
                   f"position p_k is the token just before the k-th attribute value of the bio, "
                   f"*own* the one just before the task's own value; {p['train']['steps']} "
                   f"steps, embedding update {p['probe']['embedding']} rank "
-                  f"{p['probe']['rank']}."]
+                  f"{p['probe']['rank']}, {p['probe'].get('head', 'linear')} head."]
         if key in PAPER_P_PROBE_NOTE:
             lines += ["", f"Paper ({key}): {PAPER_P_PROBE_NOTE[key]}."]
         lines += ["", f"![P-probe {r['cell']}]({png.name})", "",

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from factlab.errors import FactlabError
-from factlab.experiments.paper import PAPER_OOD_MEAN, PAPER_Q_PROBE, paper_inverse_note
+from factlab.experiments.paper import (PAPER_OOD_MEAN, PAPER_P_PROBE_NOTE, PAPER_Q_PROBE,
+                                       paper_inverse_note)
 from factlab.experiments.report import bio_memorised
 from factlab.io import atomic_write_text
 
@@ -184,24 +185,55 @@ def _inverse(runs: list[Run]) -> list[str]:
     return lines + [""]
 
 
+def _probe_of(res: dict, kind: str) -> dict | None:
+    return (res.get("probe") or {}).get(kind)
+
+
+def _probe_how(pr: dict) -> str:
+    return (f"{pr['probe'].get('head', 'linear')} head, {pr['split']['train']} probe-train "
+            f"people, {pr['train']['steps']} steps")
+
+
 def _probes(runs: list[Run]) -> list[str]:
-    rows = [(r, res) for r in runs for res in r.results if (res.get("probe") or {}).get("q")]
+    rows = [(r, res) for r in runs for res in r.results
+            if _probe_of(res, "q") or _probe_of(res, "p")]
     if not rows:
         return ["## Probes", "", "No run given here was probed (`probe.kinds=[p,q]` adds "
                 "the probe stage to a recipe's cells; `factlab probe CELL` probes a finished "
                 "one — the ablations on these runs' models: `docs/probing.md`).", ""]
-    attrs = list(next(iter(PAPER_Q_PROBE.values())))
-    lines = ["## Q-probe (whole value, held-out people, %)", "",
-             "| run / cell | " + " | ".join(attrs) + " | OOD QA |",
-             "|---" * (len(attrs) + 2) + "|"]
-    for r, res in rows:
-        got = {t["attribute"]: t["test"][0] for t in res["probe"]["q"]["tasks"]
-               if t["target"] == "value"}
-        pap = PAPER_Q_PROBE.get(res["augment"], {})
-        lines.append(f"| {r.name} / {res['cell']} | " + " | ".join(
-            _pct(got.get(a)) + (f" (paper {pap[a]:.1f})" if a in pap else "") for a in attrs)
-            + f" | {_pct(res['ood']['exact_match'])} |")
-    return lines + [""]
+    lines = []
+    prow = [(r, res) for r, res in rows if _probe_of(res, "p")]
+    if prow:
+        lines += ["## P-probe: every attribute at p1, the token before the bio's first value "
+                  "(first-token tasks and birth month, held-out people, %)", "",
+                  "| run / cell | p1 mean (chance) | own position mean | probe | paper |",
+                  "|---|---|---|---|---|"]
+        for r, res in prow:
+            p = _probe_of(res, "p")
+            ts = [t for t in p["tasks"] if t["target"] != "value" and t["test"][0] is not None]
+            p1 = _stats([t["test"][0] for t in ts])[0]
+            ch = _stats([t["chance"] for t in ts])[0]
+            own = _stats([t.get("own") for t in ts])[0]
+            note = PAPER_P_PROBE_NOTE.get(res["augment"], "–")
+            lines.append(f"| {r.name} / {res['cell']} | {p1:.1f} ({ch:.1f}) | "
+                         f"{'–' if own is None else f'{own:.1f}'} | {_probe_how(p)} | {note} |")
+        lines.append("")
+    qrow = [(r, res) for r, res in rows if _probe_of(res, "q")]
+    if qrow:
+        attrs = list(next(iter(PAPER_Q_PROBE.values())))
+        lines += ["## Q-probe (whole value, held-out people, %; chance in brackets)", "",
+                  "| run / cell | " + " | ".join(attrs) + " | OOD QA | probe |",
+                  "|---" * (len(attrs) + 3) + "|"]
+        for r, res in qrow:
+            q = _probe_of(res, "q")
+            got = {t["attribute"]: t for t in q["tasks"] if t["target"] == "value"}
+            pap = PAPER_Q_PROBE.get(res["augment"], {})
+            lines.append(f"| {r.name} / {res['cell']} | " + " | ".join(
+                (f"{_pct(got[a]['test'][0])} ({_pct(got[a]['chance'])})" if a in got else "–")
+                + (f", paper {pap[a]:.1f}" if a in pap else "") for a in attrs)
+                + f" | {_pct(res['ood']['exact_match'])} | {_probe_how(q)} |")
+        lines.append("")
+    return lines
 
 
 def _capacity(runs: list[Run]) -> list[str]:

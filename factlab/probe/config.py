@@ -14,6 +14,7 @@ from factlab.train.config import TrainConfig, check_precision
 KINDS = ("p", "q")
 EMBEDDING_MODES = ("per_task", "per_probe", "shared")
 NORMS = ("layer", "batch")
+HEADS = ("linear", "tied")
 
 # the paper's per-kind defaults: P-probing rank-2 update + LayerNorm, batch 50;
 # Q-probing rank-16 update + BatchNorm, batch 200
@@ -39,6 +40,12 @@ class ProbeSettings(Strict):
     # name (no <eos>: read at the name's last token, where a model that never saw <eos>
     # after a name in training holds what it knows of the person)
     q_read: str = "end"
+    # the classifier: linear (the paper's: a free weight row per class) or tied (each
+    # class scored by the model's own output embedding of the class's tokens after a
+    # learnt width x width map, identity at the start; its parameters do not grow with the
+    # classes, so it reads what a few hundred probe-training people cannot teach a free
+    # classifier of 50 classes: docs/probing.md)
+    head: str = "linear"
     seed: int = 0
     eval_batch_size: int = Field(256, ge=1)
     precision: str = "auto"  # as TrainConfig: bf16 on GPUs that have it, fp32 on CPU
@@ -49,6 +56,13 @@ class ProbeSettings(Strict):
     def _norm(cls, v):
         if v is not None and v not in NORMS:
             raise ValueError(f"must be one of {', '.join(NORMS)}")
+        return v
+
+    @field_validator("head")
+    @classmethod
+    def _head(cls, v):
+        if v not in HEADS:
+            raise ValueError(f"must be one of {', '.join(HEADS)}")
         return v
 
     @field_validator("q_read")

@@ -43,6 +43,9 @@ class Task:
     attribute: int  # index into world.attributes
     target: str  # "month" | "first_token" | "value"
     classes: list[str]
+    # each class as the token ids the model writes for it (the month or value after a
+    # space, the first token itself): what the tied head (ProbeModel head="tied") scores
+    class_tokens: list[list[int]] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
@@ -88,9 +91,11 @@ class ProbeData:
             raise FactlabError(f"no probe task {name!r} (known: "
                                f"{', '.join(self.task_names)})") from None
 
-    def relabel(self, name: str, labels) -> None:
+    def relabel(self, name: str, labels, class_tokens=None) -> None:
         """Replace task ``name``'s labels (one integer per row, < 0: absent) — control
-        tasks, e.g. random labels that no model can know."""
+        tasks, e.g. random labels that no model can know. ``class_tokens``: the tokens of
+        each distinct label in sorted order (needed by the tied head; without them the
+        task has none and a tied probe refuses it)."""
         labels = np.asarray(labels, dtype=np.int64)
         if labels.shape != (len(self),):
             raise FactlabError(f"relabel {name!r}: need {len(self)} labels, got {labels.shape}")
@@ -100,6 +105,8 @@ class ProbeData:
         self.targets[:, t] = IGNORE
         self.targets[ok, t] = inv
         self.tasks[t].classes = [str(int(u)) for u in uniq]
+        self.tasks[t].class_tokens = [] if class_tokens is None else [
+            [int(i) for i in c] for c in class_tokens]
 
     def chance(self, t: int) -> tuple[float | None, float]:
         """(majority, uniform) chance of task ``t``: the test accuracy of always answering
@@ -143,6 +150,16 @@ def _first_token_ids(tokenizer, values: list[str]) -> np.ndarray:
     return np.array([x[0] if x else -1 for x in ids], dtype=np.int64)
 
 
+def _written(tokenizer, values: list[str]) -> list[list[int]]:
+    """Each value's tokens as an answer or a bio writes it (after a space)."""
+    from factlab.text.qa import completion
+
+    if not values:
+        return []
+    return [list(x) for x in
+            tokenizer([completion(v) for v in values], add_special_tokens=False)["input_ids"]]
+
+
 def _compact(labels: np.ndarray, names_of) -> tuple[np.ndarray, list[str]]:
     """Labels (any ints, <0 absent) -> 0..C-1 (sorted order), IGNORE absent; class names."""
     out = np.full(len(labels), IGNORE, dtype=np.int64)
@@ -168,7 +185,8 @@ def probe_tasks(world, tokenizer, people, names: list[str] | None = None):
             lab = np.full(len(codes), IGNORE, np.int64)
             ok = codes >= 0
             lab[ok] = month[np.searchsorted(ucodes, codes[ok])]
-            tasks.append(Task(f"{attr}/month", a, "month", list(MONTHS)))
+            tasks.append(Task(f"{attr}/month", a, "month", list(MONTHS),
+                              _written(tokenizer, MONTHS)))
             cols.append(lab)
             continue
         first = _first_token_ids(tokenizer, uvals) if len(uvals) else np.zeros(0, np.int64)
@@ -176,10 +194,12 @@ def probe_tasks(world, tokenizer, people, names: list[str] | None = None):
         ok = codes >= 0
         tok_of[ok] = first[np.searchsorted(ucodes, codes[ok])]
         lab, cls = _compact(tok_of, lambda i: tokenizer.decode([i]))
-        tasks.append(Task(f"{attr}/first_token", a, "first_token", cls))
+        firsts = np.unique(tok_of[tok_of >= 0]).tolist()  # _compact's class order
+        tasks.append(Task(f"{attr}/first_token", a, "first_token", cls,
+                          [[int(i)] for i in firsts]))
         cols.append(lab)
         lab, cls = _compact(codes, lambda c: pool[c])
-        tasks.append(Task(f"{attr}/value", a, "value", cls))
+        tasks.append(Task(f"{attr}/value", a, "value", cls, _written(tokenizer, cls)))
         cols.append(lab)
     if names is not None:
         known = [t.name for t in tasks]

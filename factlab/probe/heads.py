@@ -6,6 +6,14 @@ token-embedding matrix, ``E + U_g V_g`` (``U_g``: vocab x r, zero-initialised so
 starts from the model as it is; ``V_g``: r x width); for each task ``t`` and read position
 ``p`` a norm (LayerNorm for P-probing, BatchNorm for Q-probing) and a linear classifier.
 
+``head="tied"`` replaces the free classifier (one weight row per class, which a few
+hundred probe-training people cannot fit for 50 classes) by the backbone's own output
+embedding: class ``c`` is scored by the mean output-embedding row of the tokens that write
+it, after a learnt width x width map added to the identity (zero-initialised, so training
+starts from reading the state as the model's own next-token head does) and a class bias.
+The class vectors are fixed buffers copied from the backbone at construction; only the map
+and the biases train.
+
 What is shared — the point of this module. The backbone is the expensive part; the heads
 are nearly free. Which embedding update a forward pass uses decides what can share it:
 
@@ -63,8 +71,11 @@ class ProbeModel(nn.Module):
 
     def __init__(self, backbone, n_classes: Sequence[int], n_positions: int, *,
                  rank: int = 2, norm: str = "layer", embedding: str = "per_task",
-                 seed: int = 0):
+                 seed: int = 0, head: str = "linear",
+                 class_tokens: Sequence[Sequence[Sequence[int]]] | None = None):
         super().__init__()
+        if head not in ("linear", "tied"):
+            raise FactlabError(f"head={head!r}: choose linear or tied")
         if embedding not in VARIANTS:
             raise FactlabError(f"embedding={embedding!r}: choose one of {', '.join(VARIANTS)}")
         if norm not in ("layer", "batch"):
@@ -93,15 +104,42 @@ class ProbeModel(nn.Module):
             self.register_buffer("running_mean", torch.zeros(T, P * d))
             self.register_buffer("running_var", torch.ones(T, P * d))
         bound = d ** -0.5  # nn.Linear's init
-        self.head_weight = nn.ParameterList(
-            [nn.Parameter((torch.rand(P, C, d, generator=g) * 2 - 1) * bound)
-             for C in self.n_classes])
+        self.head_kind = head
+        self.class_tokens = None
+        if head == "linear":
+            self.head_weight = nn.ParameterList(
+                [nn.Parameter((torch.rand(P, C, d, generator=g) * 2 - 1) * bound)
+                 for C in self.n_classes])
+        else:
+            self.class_tokens = self._check_class_tokens(class_tokens, V)
+            out = backbone.get_output_embeddings()
+            if out is None or out.weight.shape[-1] != d:
+                raise FactlabError("head=tied needs the model's output embedding "
+                                   "(an lm_head of the hidden width)")
+            w = out.weight.detach().float()
+            for t, toks in enumerate(self.class_tokens):
+                self.register_buffer(f"class_vectors_{t}", torch.stack(
+                    [w[torch.tensor(c, dtype=torch.long)].mean(0) for c in toks]))
+            self.tied_map = nn.Parameter(torch.zeros(T, P, d, d))
         self.head_bias = nn.ParameterList(
-            [nn.Parameter((torch.rand(P, C, generator=g) * 2 - 1) * bound)
+            [nn.Parameter((torch.rand(P, C, generator=g) * 2 - 1) * bound
+                          if head == "linear" else torch.zeros(P, C))
              for C in self.n_classes])
         super()._apply(lambda t: t.to(emb.device))
 
     # the backbone follows the probe's device and mode -------------------------------
+    def _check_class_tokens(self, class_tokens, vocab: int) -> list[list[list[int]]]:
+        if class_tokens is None or len(class_tokens) != len(self.n_classes):
+            raise FactlabError("head=tied needs each task's class tokens")
+        out = []
+        for t, (toks, C) in enumerate(zip(class_tokens, self.n_classes)):
+            toks = [[int(i) for i in c] for c in toks]
+            if len(toks) != C or any(not c or min(c) < 0 or max(c) >= vocab for c in toks):
+                raise FactlabError(f"head=tied: task {t} needs {C} classes of token ids "
+                                   f"in [0, {vocab}), got {len(toks)}")
+            out.append(toks)
+        return out
+
     def _apply(self, fn, recurse=True):
         self.backbone._apply(fn, recurse)
         return super()._apply(fn, recurse)
@@ -157,6 +195,9 @@ class ProbeModel(nn.Module):
             x = F.batch_norm(x.reshape(B, P * d), self.running_mean[t], self.running_var[t],
                              None, None, self.training, 0.1, 1e-5).view(B, P, d)
         x = x * self.norm_weight[t] + self.norm_bias[t]
+        if self.head_kind == "tied":
+            x = x + torch.einsum("bpd,pde->bpe", x, self.tied_map[t])
+            return x @ getattr(self, f"class_vectors_{t}").T + self.head_bias[t]
         return torch.einsum("bpd,pcd->bpc", x, self.head_weight[t]) + self.head_bias[t]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
@@ -167,7 +208,7 @@ class ProbeModel(nn.Module):
     def config(self) -> dict:
         return {"n_classes": self.n_classes, "n_positions": self.n_positions,
                 "rank": self.rank, "norm": self.norm, "embedding": self.embedding,
-                "seed": self.seed}
+                "seed": self.seed, "head": self.head_kind, "class_tokens": self.class_tokens}
 
     def save_pretrained(self, path, safe_serialization: bool = True, **_) -> None:
         """The probe's own parameters (``probe.safetensors``) and shape
@@ -189,7 +230,8 @@ class ProbeModel(nn.Module):
             raise FactlabError(f"{path}: not a saved probe (no probe_config.json)")
         cfg = json.loads((path / "probe_config.json").read_text())
         model = cls(backbone, cfg["n_classes"], cfg["n_positions"], rank=cfg["rank"],
-                    norm=cfg["norm"], embedding=cfg["embedding"], seed=cfg.get("seed", 0))
+                    norm=cfg["norm"], embedding=cfg["embedding"], seed=cfg.get("seed", 0),
+                    head=cfg.get("head", "linear"), class_tokens=cfg.get("class_tokens"))
         model.load_state_dict(load_file(str(path / "probe.safetensors")))
         return model
 

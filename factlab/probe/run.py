@@ -104,6 +104,13 @@ def _settings(cfg: ProbeConfig, data: ProbeData | None) -> dict:
     return rec
 
 
+def _upgraded(saved: dict, cfg: ProbeConfig) -> dict:
+    """Settings saved before a setting existed read as that setting's default (a probe
+    finished before ``head`` was added is the linear-head probe it was)."""
+    default = ProbeConfig(kind=cfg.kind).resolved().model_dump(mode="json")
+    return {**{k: v for k, v in default.items() if k not in saved}, **saved}
+
+
 def run_probe(backbone, tokenizer, world, cfg: ProbeConfig, out, *, data: ProbeData | None = None,
               progress: bool = True, force: bool = False, name: str | None = None) -> dict:
     """Train and score one probe of ``cfg.kind`` on the frozen ``backbone``; write
@@ -128,19 +135,20 @@ def run_probe(backbone, tokenizer, world, cfg: ProbeConfig, out, *, data: ProbeD
         shutil.rmtree(work, ignore_errors=True)
         result_path.unlink(missing_ok=True)
     stamp = work / "settings.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) != settings:
+    if stamp.is_file() and _upgraded(json.loads(stamp.read_text()), cfg) != settings:
         raise FactlabError(f"{work} holds a probe with other settings; use another --out, "
                            f"or --force to replace it")
     if data is None and result_path.is_file() and stamp.is_file():
         done = json.loads(result_path.read_text())
-        if done.get("config") == settings:
+        if _upgraded(done.get("config") or {}, cfg) == settings:
             return done
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(stamp, json.dumps(settings, indent=1) + "\n")
     if data is None:
         data = prepare(world, tokenizer, cfg, model_context(backbone))
     model = ProbeModel(backbone, [t.n_classes for t in data.tasks], data.positions.shape[1],
-                       rank=cfg.rank, norm=cfg.norm, embedding=cfg.embedding, seed=cfg.seed)
+                       rank=cfg.rank, norm=cfg.norm, embedding=cfg.embedding, seed=cfg.seed,
+                       head=cfg.head, class_tokens=[t.class_tokens for t in data.tasks])
     loop = Loop(model, ProbeStream(data, seed=cfg.seed), cfg.train_config(), work,
                 plugins=[ProbePlugin()], progress=progress, name=name or f"probe {cfg.kind}")
     t0 = time.perf_counter()
@@ -164,7 +172,8 @@ def run_probe(backbone, tokenizer, world, cfg: ProbeConfig, out, *, data: ProbeD
                   "train_fraction": cfg.train_fraction, "cap": cfg.people, "rule": SPLIT_RULE},
         "config": settings,
         "probe": {"embedding": model.embedding, "variants": model.n_variants,
-                  "rank": model.rank, "norm": model.norm, "trainable_params": int(n_trainable),
+                  "rank": model.rank, "norm": model.norm, "head": model.head_kind,
+                  "trainable_params": int(n_trainable),
                   "backbone_params": int(sum(p.numel() for p in backbone.parameters())),
                   "backbone_frozen": not any(p.requires_grad for p in backbone.parameters())},
         "train": {"steps": cfg.steps, "batch_size": cfg.batch_size,
