@@ -83,10 +83,10 @@ def _probe(kind, tasks, head="tied"):
 
 
 def test_probe_rows_p1_contrast_and_q_with_paper(tmp_path):
-    def t(attr, target, test, chance, own=None):
+    def t(attr, target, test, chance, own=None, share=(0.2, 0.2)):
         return {"name": f"{attr}/{target}", "attribute": attr, "target": target,
-                "test": test, "chance": chance, "own": own}
-    p = {"single": _probe("p", [t("birth_date", "month", [0.9, 0.2], 0.1, 0.9),
+                "test": test, "chance": chance, "own": own, "own_share": list(share)}
+    p = {"single": _probe("p", [t("birth_date", "month", [0.9, 0.2], 0.1, 0.9, (1.0, 0.0)),
                                 t("major", "first_token", [0.05, 0.1], 0.03, 0.97),
                                 t("major", "value", [0.5, 0.5], 0.03, 0.5)]),
          "multi5+permute": _probe("p", [t("birth_date", "month", [0.5, 0.5], 0.1, 0.8),
@@ -96,8 +96,9 @@ def test_probe_rows_p1_contrast_and_q_with_paper(tmp_path):
              {c: {"probe": {"p": p[c], **({"q": q} if c == "multi5+permute" else {})}}
               for c in p})
     text = "\n".join(reproduction_lines([load_run(d)]))
-    # p1: mean over month + first-token tasks (the value task is left out), own beside it
-    assert "| quickstart / single | 47.5 (6.5) | 93.5 | tied head, 200 probe-train people, " \
+    # p1: mean over month + first-token tasks (the value task is left out, and single's
+    # birth month, whose own position p1 is), own beside it
+    assert "| quickstart / single | 5.0 (3.0) | 97.0 | tied head, 200 probe-train people, " \
            "400 steps | near chance" in text
     assert "| quickstart / multi5+permute | 45.0 (6.5) | 75.0 |" in text
     assert "≈100% from the first position on" in text

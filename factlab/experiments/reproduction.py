@@ -205,12 +205,16 @@ def _probes(runs: list[Run]) -> list[str]:
     prow = [(r, res) for r, res in rows if _probe_of(res, "p")]
     if prow:
         lines += ["## P-probe: every attribute at p1, the token before the bio's first value "
-                  "(first-token tasks and birth month, held-out people, %)", "",
+                  "(first-token tasks and birth month, held-out people, %; a task whose own "
+                  "value follows p1 in most bios is left out of the p1 mean)", "",
                   "| run / cell | p1 mean (chance) | own position mean | probe | paper |",
                   "|---|---|---|---|---|"]
         for r, res in prow:
             p = _probe_of(res, "p")
-            ts = [t for t in p["tasks"] if t["target"] != "value" and t["test"][0] is not None]
+            # tasks whose own value follows p1 for most people are left out (the first
+            # attribute of a single bio): there p1 writes the value instead of recalling it
+            ts = [t for t in p["tasks"] if t["target"] != "value" and t["test"][0] is not None
+                  and (t.get("own_share") or [0])[0] <= 0.5]
             p1 = _stats([t["test"][0] for t in ts])[0]
             ch = _stats([t["chance"] for t in ts])[0]
             own = _stats([t.get("own") for t in ts])[0]

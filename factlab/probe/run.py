@@ -93,6 +93,9 @@ def summarise(data: ProbeData, test, train) -> list[dict]:
             own = data.order[data.test] == task.attribute  # (n_test, P)
             m = tv[:, t] & own
             row["own"] = float(th[:, t][m].mean()) if m.any() else None
+            # how often p_k is the task's own position (1 at p1 for a single bio's first
+            # attribute): reading there is writing the value, not recalling it early
+            row["own_share"] = own.mean(axis=0).tolist()
         out.append(row)
     return out
 
