@@ -200,7 +200,7 @@ def test_tied_head_starts_as_the_models_own_readout_and_round_trips(tmp_path):
         for t, classes in enumerate(toks):  # by hand: LN(h) . mean of the class's rows
             C = torch.stack([U[c].mean(0) for c in classes])
             assert torch.allclose(got[t], f @ C.T, atol=1e-5)
-    # nothing per class but a bias: 50 classes cost what 2 do
+    # nothing per class but a bias: 50 classes cost 47 biases a position more than 3
     wide = ProbeModel(model, [50, 2], 2, rank=0, head="tied",
                       class_tokens=[[[i] for i in range(50)], toks[1]])
     n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731

@@ -50,9 +50,10 @@ def probe_section(out: Path, results: list[dict], cells: dict) -> list[str]:
         return []
     lines = ["## Probing", "",
              "A frozen copy of each cell's BIO-pretrained model; a small probe (a low-rank "
-             "update of the token embedding, a norm and a classifier: linear, or *tied* to the "
-             "model's own output embedding) is trained on some people and scored on the others (accuracy %, held-out people). *chance*: "
-             "always answering the most frequent training class. See `docs/probing.md`.", ""]
+             "update of the token embedding, a norm and a classifier: linear, or *tied* to "
+             "the model's own output embedding) is trained on some people and scored on the "
+             "others (accuracy %, held-out people). *chance*: always answering the most "
+             "frequent training class. See `docs/probing.md`.", ""]
     for r in probed:
         p = r["probe"].get("p")
         if not p:

@@ -15,6 +15,8 @@ KINDS = ("p", "q")
 EMBEDDING_MODES = ("per_task", "per_probe", "shared")
 NORMS = ("layer", "batch")
 HEADS = ("linear", "tied")
+Q_READS = ("end", "name")
+CHOICES = {"norm": NORMS, "head": HEADS, "q_read": Q_READS, "embedding": EMBEDDING_MODES}
 
 # the paper's per-kind defaults: P-probing rank-2 update + LayerNorm, batch 50;
 # Q-probing rank-16 update + BatchNorm, batch 200
@@ -51,32 +53,12 @@ class ProbeSettings(Strict):
     precision: str = "auto"  # as TrainConfig: bf16 on GPUs that have it, fp32 on CPU
     log_every: int = Field(50, ge=1)
 
-    @field_validator("norm")
+    @field_validator("norm", "head", "q_read", "embedding")
     @classmethod
-    def _norm(cls, v):
-        if v is not None and v not in NORMS:
-            raise ValueError(f"must be one of {', '.join(NORMS)}")
-        return v
-
-    @field_validator("head")
-    @classmethod
-    def _head(cls, v):
-        if v not in HEADS:
-            raise ValueError(f"must be one of {', '.join(HEADS)}")
-        return v
-
-    @field_validator("q_read")
-    @classmethod
-    def _q_read(cls, v):
-        if v not in ("end", "name"):
-            raise ValueError("must be 'end' or 'name'")
-        return v
-
-    @field_validator("embedding")
-    @classmethod
-    def _embedding(cls, v):
-        if v not in EMBEDDING_MODES:
-            raise ValueError(f"must be one of {', '.join(EMBEDDING_MODES)}")
+    def _choice(cls, v, info):
+        options = CHOICES[info.field_name]
+        if v is not None and v not in options:  # norm None: the paper's for the kind
+            raise ValueError(f"must be one of {', '.join(options)}")
         return v
 
     @field_validator("precision")

@@ -143,13 +143,6 @@ def _is_month_date(attr: str, values: list[str]) -> bool:
         v.split(" ", 1)[0] in MONTHS for v in values)
 
 
-def _first_token_ids(tokenizer, values: list[str]) -> np.ndarray:
-    from factlab.text.qa import completion
-
-    ids = tokenizer([completion(v) for v in values], add_special_tokens=False)["input_ids"]
-    return np.array([x[0] if x else -1 for x in ids], dtype=np.int64)
-
-
 def _written(tokenizer, values: list[str]) -> list[list[int]]:
     """Each value's tokens as an answer or a bio writes it (after a space)."""
     from factlab.text.qa import completion
@@ -189,7 +182,8 @@ def probe_tasks(world, tokenizer, people, names: list[str] | None = None):
                               _written(tokenizer, MONTHS)))
             cols.append(lab)
             continue
-        first = _first_token_ids(tokenizer, uvals) if len(uvals) else np.zeros(0, np.int64)
+        written = _written(tokenizer, uvals)  # tokenised once: first tokens and values
+        first = np.array([x[0] if x else -1 for x in written], dtype=np.int64)
         tok_of = np.full(len(codes), -1, np.int64)
         ok = codes >= 0
         tok_of[ok] = first[np.searchsorted(ucodes, codes[ok])]
@@ -199,7 +193,7 @@ def probe_tasks(world, tokenizer, people, names: list[str] | None = None):
                           [[int(i)] for i in firsts]))
         cols.append(lab)
         lab, cls = _compact(codes, lambda c: pool[c])
-        tasks.append(Task(f"{attr}/value", a, "value", cls, _written(tokenizer, cls)))
+        tasks.append(Task(f"{attr}/value", a, "value", cls, written))  # cls == uvals
         cols.append(lab)
     if names is not None:
         known = [t.name for t in tasks]
