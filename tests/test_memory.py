@@ -233,6 +233,62 @@ def test_a_wall_time_budget_stops_tuning_and_resume_keeps_the_flags(setting, tmp
     assert again.trace_rows() == plug.trace_rows() and len(plug.trace) == 1
 
 
+def test_a_failed_recheck_waits_one_pass_before_the_next(setting):
+    """When every flag says done but re-scoring finds slipped facts, the next re-scoring
+    waits ceil(facts / batch rows) steps (not every step), and the wait survives resume."""
+    from types import SimpleNamespace
+
+    s = setting
+    plug = MemoryTuning(s["enc"], 64, 1)  # 200 facts
+    plug._batch_rows = 32
+    calls = []
+
+    def verify(model):  # every fact scored done except the first
+        calls.append(1)
+        plug.done[:] = True
+        plug.done[0] = False
+        return plug.done.copy()
+
+    plug.verify = verify
+    model = SimpleNamespace(training=True, train=lambda was: None)
+    loop = SimpleNamespace(model=model, stopped=False)
+    loop.stop = lambda: setattr(loop, "stopped", True)
+    for step in range(1, 16):
+        plug.done[:] = True  # the training flags all say done after every step
+        plug.after_step(loop, step, {})
+    assert len(calls) == 3 and not loop.stopped  # steps 1, 8, 15: a gap of ceil(200/32) = 7
+    again = MemoryTuning(s["enc"], 64, 1)
+    again.load_state_dict(plug.state_dict())
+    assert again.next_verify == plug.next_verify == 22
+
+
+def test_tau_margin_trains_below_it_and_stops_at_tau(setting, monkeypatch):
+    """With tau_margin 0.5 a training flag needs NLL < tau / 2; the re-check passes when
+    every fact is under tau, and when it fails, facts within the margin are trained again."""
+    from types import SimpleNamespace
+
+    import factlab.evaluate.score as score
+
+    s = setting
+    enc = s["enc"].take(np.arange(3))
+    for margin, flags in ((1.0, [True, True, False]), (0.5, [True, False, False])):
+        plug = MemoryTuning(enc, 64, 1, tau=0.05, tau_margin=margin)
+        nll = torch.tensor([0.01, 0.04, 0.06])
+        out = SimpleNamespace(row_max_nll=lambda: nll, row_all_argmax=lambda: torch.ones(3, dtype=bool))
+        batch = {"negative": torch.zeros(3, dtype=torch.long),
+                 "example_id": torch.as_tensor(np.asarray(enc.example_id))}
+        plug.extra_loss(None, batch, out)
+        assert plug.done.tolist() == flags
+        got = {"nll": np.array([0.01, 0.04, 0.06])}
+        monkeypatch.setattr(score, "score_encoded", lambda m, e, batch_size: SimpleNamespace(
+            max_nll=got["nll"], all_argmax=np.ones(3, dtype=bool)))
+        assert plug.verify(None).tolist() == [True, True, False]  # against tau
+        assert plug.done.tolist() == flags  # back to the sampler: within the margin too
+        got["nll"] = np.array([0.01, 0.04, 0.045])
+        assert plug.verify(None).all() and plug.done.all()  # all under tau: done, stop
+    with pytest.raises(FactlabError, match="tau_margin"):
+        MemoryTuning(enc, 64, 1, tau_margin=0.0)
+
 # ------------------------------------------------------------------------ key gate
 def test_the_key_gate_opens_only_after_a_stored_question(setting):
     s = setting

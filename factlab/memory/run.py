@@ -87,6 +87,8 @@ class MemorySettings(Strict):
     expert_lr: float = Field(0.01, gt=0, description="experts=peer: the down vectors' lr")
     sparse_optimizer: Literal["sparse_adam", "row_adagrad", "sgd"] = "sparse_adam"
     tau: float = Field(0.05, gt=0)
+    tau_margin: float = Field(1.0, gt=0, le=1, description="facts are trained to a max-token "
+                              "NLL under tau * tau_margin; the run stops when all are under tau")
     revisit: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(32, ge=1)
     minutes: float = Field(10.0, gt=0, description="wall-time budget of the tuning")
@@ -569,7 +571,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         writes = np.array_split(np.arange(len(facts)), cfg.writes)
     # ---- tuning
     value_lr = cfg.value_lr or (2.0 if cfg.routing == "key" else 0.5)
-    plug = MemoryTuning(enc, longest, tok.pad_token_id, tau=cfg.tau, revisit=cfg.revisit,
+    plug = MemoryTuning(enc, longest, tok.pad_token_id, tau=cfg.tau, tau_margin=cfg.tau_margin,
+                        revisit=cfg.revisit,
                         value_lr=value_lr, router_lr=cfg.router_lr, pin_steps=pin_steps,
                         expert_lr=cfg.expert_lr,
                         seed=cfg.seed, minutes=cfg.minutes, writes=writes, replay=cfg.replay,

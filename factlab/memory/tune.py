@@ -6,7 +6,9 @@ on the answer tokens and EOS only. The fused LM loss already yields, for every r
 max-token NLL and whether every answer token is its position's argmax
 (``LMOutput.row_max_nll`` / ``row_all_argmax``); a fact is **done** when its max-token NLL
 is below ``tau`` and every token is the argmax (exactly: greedy decoding reproduces the
-answer's tokens). The sampler (``next_batch``, deterministic in the step and the saved
+answer's tokens). With ``tau_margin`` < 1 the sampler trains each fact to below
+``tau * tau_margin`` (its training flag), so that later updates of shared rows that nudge
+it up leave it under ``tau``; the stopping check is always against ``tau``. The sampler (``next_batch``, deterministic in the step and the saved
 flags) draws facts that are not done, and revisits done ones at rate ``revisit`` so that
 they stay done (a revisited fact that slipped is marked not done again); when fewer facts
 are left than a batch holds, the batch shrinks (``shrink``) to them plus their share of
@@ -18,7 +20,10 @@ from training batches describe the model *before* each update, and a later updat
 undo an earlier fact; so when every flag says done, all facts are scored again on the
 current model (teacher-forced, ``factlab.evaluate.score``: cheap, no
 generation) and the run stops only if they still all are; otherwise the slipped facts go
-back into the sampler. State (flags, exposures, last NLL) is plugin state: a killed run
+back into the sampler, and the next check waits at least as many steps as one pass over
+the facts in scope takes at the full batch (near the end, facts whose loss sits at ``tau``
+flip between done and not; re-scoring all of them after every step cost 2,000 facts more
+than half of a 10-minute run). State (flags, exposures, last NLL) is plugin state: a killed run
 resumes exactly.
 
 With a key gate (``MemoryModel(gate="keys")``) the facts' questions are written into the
@@ -63,9 +68,11 @@ class MemoryTuning(Plugin):
                  expert_lr: float = 0.01,
                  negatives=None, negative_fraction: float = 0.0, minutes: float | None = None,
                  shrink: bool = True, writes=None, replay: bool = False, radius_from=None,
-                 radius_margin: float = 0.5):
+                 radius_margin: float = 0.5, tau_margin: float = 1.0):
         if not tau > 0:
             raise FactlabError(f"memory tuning: tau must be > 0, got {tau}")
+        if not 0 < tau_margin <= 1:
+            raise FactlabError(f"memory tuning: tau_margin must be in (0, 1], got {tau_margin}")
         if not 0 <= revisit < 1 or not 0 <= negative_fraction < 1:
             raise FactlabError("memory tuning: revisit and negative_fraction must be in [0, 1)")
         if negative_fraction and negatives is None:
@@ -79,6 +86,7 @@ class MemoryTuning(Plugin):
                                f"the context ({seq_len})")
         self.facts, self.seq_len, self.pad_id = facts, int(seq_len), int(pad_id)
         self.tau, self.revisit, self.seed = float(tau), float(revisit), int(seed)
+        self.tau_margin = float(tau_margin)
         self.value_lr, self.router_lr, self.gate_lr = value_lr, router_lr, gate_lr
         self.expert_lr = float(expert_lr)
         self.pin_steps = int(pin_steps)
@@ -108,6 +116,8 @@ class MemoryTuning(Plugin):
         self.written = np.ones(n, dtype=bool)  # every fact written so far
         self.steps_total = 0  # optimizer steps over all writes (pinning counts these)
         self.completed = 0  # writes finished (the driver's experiences)
+        self.next_verify = 0  # the first step (over all writes) a re-scoring may run
+        self._batch_rows = 1  # rows of a full batch (the loop's), for the gap between checks
         self._model = None
 
     @property
@@ -203,6 +213,7 @@ class MemoryTuning(Plugin):
         if loop.model.kw["routing"] == "pinned" and self.steps_total + step >= self.pin_steps:
             loop.model.freeze_routing()  # idempotent; a resumed run re-pins here
         n = int(batch["input_ids"].shape[0])
+        self._batch_rows = n
         pos, neg = self.choose(step, n)
         parts = [self._rows(self.facts, pos, 0)]
         if neg:
@@ -222,7 +233,7 @@ class MemoryTuning(Plugin):
         ok = out.row_all_argmax().cpu().numpy()[fact]
         np.add.at(self.exposures, pos, 1)
         self.max_nll[pos] = mx
-        now = (mx < self.tau) & ok
+        now = (mx < self.tau * self.tau_margin) & ok
         first = now & (self.done_at[pos] < 0)
         self.done_at[pos[first]] = self.exposures[pos[first]]
         self.done[pos] = now
@@ -238,9 +249,13 @@ class MemoryTuning(Plugin):
         enc = self.facts if len(idx) == len(self.done) else self.facts.take(idx)
         sc = score_encoded(model, enc, batch_size=256)
         self.max_nll[idx] = sc.max_nll.astype(np.float64)
-        self.done[idx] = (sc.max_nll < self.tau) & sc.all_argmax
+        ok = (sc.max_nll < self.tau) & sc.all_argmax
+        # all under tau: done. Else the slipped facts, and with tau_margin < 1 those within
+        # the margin too, go back to the sampler (trained to under tau * tau_margin)
+        self.done[idx] = ok if ok.all() else \
+            (sc.max_nll < self.tau * self.tau_margin) & sc.all_argmax
         self.argmax[idx] = sc.all_argmax
-        return self.done[idx]
+        return ok
 
     def after_step(self, loop, step: int, logs: dict) -> None:
         import time
@@ -249,13 +264,16 @@ class MemoryTuning(Plugin):
             self._t0 = time.perf_counter()
         if self.minutes is not None and time.perf_counter() - self._t0 > 60 * self.minutes:
             loop.stop()
-        if self.done[self.scope].all():
+        at = self.steps_total + step
+        if self.done[self.scope].all() and at >= self.next_verify:
             was = loop.model.training
             ok = self.verify(loop.model)
             loop.model.train(was)
             logs["verified"] = int(ok.sum())
             if ok.all():
                 loop.stop()
+            else:  # one pass over the scope at the full batch before the next check
+                self.next_verify = at + max(1, -(-len(ok) // self._batch_rows))
         logs["facts_done"] = int(self.done.sum())
         logs["exposures_mean"] = float(self.exposures.mean())
         self._record(self.steps_total + step)
@@ -305,7 +323,8 @@ class MemoryTuning(Plugin):
               "trace": torch.tensor(self.trace, dtype=torch.float64).reshape(
                   -1, len(TRACE_COLUMNS)),
               "steps_total": torch.tensor(self.steps_total),
-              "completed": torch.tensor(self.completed)}
+              "completed": torch.tensor(self.completed),
+              "next_verify": torch.tensor(self.next_verify)}
         kg = getattr(self._model, "keygate", None)
         if kg is not None:  # the codebook is a buffer (in the trainable state); its radius
             st["radius"] = torch.tensor(kg.radius, dtype=torch.float64)  # is not
@@ -322,6 +341,7 @@ class MemoryTuning(Plugin):
                 self.trace = state["trace"].tolist()
             self.steps_total = int(state.get("steps_total", torch.tensor(0)))
             self.completed = int(state.get("completed", torch.tensor(0)))
+            self.next_verify = int(state.get("next_verify", torch.tensor(0)))
             kg = getattr(self._model, "keygate", None)
             if kg is not None and "radius" in state:
                 kg.radius = float(state["radius"])
