@@ -332,13 +332,17 @@ def quickstart(out: Path = typer.Option(Path("runs/quickstart"), help="run direc
 def reproduce(runs: list[Path] = typer.Argument(..., help="run directories of fig3, mixed, "
                                                  "celebrity, reverse, quickstart (any "
                                                  "number; two runs of a recipe are two seeds)"),
-              out: Path = typer.Option(Path("reproduction.md"), help="the table to write")
+              out: Path = typer.Option(Path("reproduction.md"), help="the table to write"),
+              keep: Optional[Path] = typer.Option(
+                  None, "--keep", help="also copy each run's recipe.yaml and results.json "
+                  "to KEEP/RUN (a few KB), which reproduce reads as a run directory later: "
+                  "the table outlives the runs (docs/reproduction/ holds ours)"),
               ) -> None:
     """One table of the paper's Part 3.1 numbers beside the measured ones (mean and spread
     over the runs given, the scale of each), generated from run directories."""
     from factlab.experiments.reproduction import write_reproduction
 
-    console.print(f"wrote {write_reproduction(runs, out)}")
+    console.print(f"wrote {write_reproduction(runs, out, keep)}")
 
 
 @model_app.command("import")

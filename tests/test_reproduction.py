@@ -106,3 +106,38 @@ def test_probe_rows_p1_contrast_and_q_with_paper(tmp_path):
     row = next(ln for ln in text.splitlines() if ln.startswith("| quickstart / multi5+permute")
                and "OOD" not in ln and "paper 94.9" in ln)
     assert "11.0 (2.5), paper 94.9" in row and "| 93.0 |" in row
+
+
+def test_kept_records_regenerate_the_same_table_after_the_runs_are_gone(tmp_path):
+    import shutil
+
+    from factlab.experiments.reproduction import write_reproduction
+
+    a = _run(tmp_path, "s0", "fig3", 0, {"single": 0.10, "multi5+permute": 0.84})
+    b = _run(tmp_path, "s1", "fig3", 1, {"single": 0.12, "multi5+permute": 0.80})
+    (a / "single").mkdir()  # a cell's checkpoints: not part of the record
+    (a / "single" / "model.safetensors").write_bytes(b"x" * 1000)
+    first = write_reproduction([a, b], tmp_path / "one.md", keep=tmp_path / "kept")
+    assert sorted(p.name for p in (tmp_path / "kept" / "s0").iterdir()) == \
+        ["recipe.yaml", "results.json"]
+    shutil.rmtree(a)
+    shutil.rmtree(b)
+    # regenerated from the records alone, and with a later run added, into the same place
+    c = _run(tmp_path, "s2", "fig3", 2, {"single": 0.14, "multi5+permute": 0.82})
+    kept = sorted((tmp_path / "kept").iterdir())
+    again = write_reproduction(kept, tmp_path / "two.md", keep=tmp_path / "kept")
+    assert again.read_text() == first.read_text()
+    three = write_reproduction(kept + [c], tmp_path / "three.md", keep=tmp_path / "kept")
+    assert "| single | 9.7 | **12.0 ± 2.0** |" in three.read_text()
+    assert (tmp_path / "kept" / "s2" / "results.json").is_file()
+
+
+def test_keep_refuses_two_runs_of_one_name_before_writing(tmp_path):
+    from factlab.experiments.reproduction import write_reproduction
+
+    a = _run(tmp_path, "fig3", "fig3", 0, {"single": 0.10})
+    (tmp_path / "other").mkdir()
+    b = _run(tmp_path / "other", "fig3", "fig3", 1, {"single": 0.12})
+    with pytest.raises(FactlabError, match="two runs are named fig3"):
+        write_reproduction([a, b], tmp_path / "t.md", keep=tmp_path / "kept")
+    assert not (tmp_path / "kept").exists() and not (tmp_path / "t.md").exists()
