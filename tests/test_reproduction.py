@@ -11,8 +11,8 @@ from factlab.experiments.recipe import load_recipe
 from factlab.experiments.reproduction import load_run, reproduction_lines
 
 
-def _run(tmp_path, name, recipe, seed, ood: dict, extra=None):
-    r = load_recipe(recipe, [f"world.seed={seed}", f"pretrain.seed={seed}"])
+def _run(tmp_path, name, recipe, seed, ood: dict, extra=None, overrides=()):
+    r = load_recipe(recipe, [f"world.seed={seed}", f"pretrain.seed={seed}", *overrides])
     d = tmp_path / name
     d.mkdir()
     (d / "recipe.yaml").write_text(yaml.safe_dump(r.model_dump(mode="json")))
@@ -141,3 +141,36 @@ def test_keep_refuses_two_runs_of_one_name_before_writing(tmp_path):
     with pytest.raises(FactlabError, match="two runs are named fig3"):
         write_reproduction([a, b], tmp_path / "t.md", keep=tmp_path / "kept")
     assert not (tmp_path / "kept").exists() and not (tmp_path / "t.md").exists()
+
+
+def test_runs_of_one_cell_at_other_settings_get_their_own_rows(tmp_path):
+    """Seeds are averaged; a run of the same cell at another setting is not a seed: it gets
+    a row of its own, labelled by what differs, and stays out of the other row's mean. A
+    probe stage (which reads the pretrained model, changing nothing) does not split."""
+    a = _run(tmp_path, "m0", "mixed", 0, {"qa_r=0.8": 0.12})
+    b = _run(tmp_path, "m1", "mixed", 1, {"qa_r=0.8": 0.14}, overrides=["probe.kinds=[q]"])
+    c = _run(tmp_path, "mseq", "mixed", 0, {"qa_r=0.8": 0.30}, overrides=["mix=sequence"])
+    d = _run(tmp_path, "mlong", "mixed", 0, {"qa_r=0.8": 0.50},
+             overrides=["mix=sequence", "pretrain.lr=0.001"])
+    text = "\n".join(reproduction_lines([load_run(x) for x in (a, b, c, d)]))
+    rows = [ln for ln in text.splitlines() if ln.startswith("| qa_r=0.8")]
+    assert len(rows) == 3, rows
+    assert rows[0].startswith("| qa_r=0.8 (mix=batch, pretrain.lr=0.0015) | 86.6 | "
+                              "**13.0 ± 1.0** | 12.0 (seed 0/0), 14.0 (seed 1/1) |")
+    assert rows[1].startswith("| qa_r=0.8 (mix=sequence, pretrain.lr=0.0015) | 86.6 | "
+                              "**30.0** | 30.0 (seed 0/0) |")
+    assert rows[2].startswith("| qa_r=0.8 (mix=sequence, pretrain.lr=0.001) | 86.6 | **50.0** |")
+    # one setting alone: the plain row, as before
+    text = "\n".join(reproduction_lines([load_run(a), load_run(b)]))
+    assert "| qa_r=0.8 | 86.6 | **13.0 ± 1.0** |" in text
+
+
+def test_ordering_uses_one_setting_per_cell_and_names_the_others(tmp_path):
+    a = _run(tmp_path, "s0", "fig3", 0, {"single": 0.10, "multi5+permute": 0.84})
+    b = _run(tmp_path, "long", "fig3", 0, {"single": 0.30, "multi5+permute": 0.20},
+             overrides=["pretrain.steps=5000"])
+    text = "\n".join(reproduction_lines([load_run(a), load_run(b)]))
+    row = next(ln for ln in text.splitlines()
+               if ln.startswith("| single (9.7) | multi5+permute (96.6)"))
+    assert "+74.0" in row and "| yes |" in row
+    assert "left out: single (pretrain.steps=5000), multi5+permute (pretrain.steps=5000)." in text

@@ -3,9 +3,10 @@
 (seeds) given, and the scale each was measured at. ``factlab reproduce RUN... --out
 docs/reproduction.md`` writes it; nothing in it is typed by hand.
 
-Runs are grouped by recipe name and cell name; two runs of the same recipe are two
-seeds (or settings: the table prints each run's seed, and the scale table every distinct
-setting). A recipe with no run given is listed as not run.
+Runs are grouped by recipe name, cell name and the cell's settings: two runs of one cell
+that differ only in their seeds are averaged as seeds; runs of one cell with other
+settings (``mix=sequence`` against the recipe's ``mix: batch``, other steps) get a row each,
+labelled by the settings that differ. A recipe with no run given is listed as not run.
 """
 
 from __future__ import annotations
@@ -90,6 +91,55 @@ def _cells(runs: list[Run], recipe: str, cell: str) -> list[tuple[Run, dict]]:
             for res in [r.result(cell)] if res is not None]
 
 
+# settings that do not make two runs of a cell different experiments: seeds are what the
+# table averages over; threads and evaluation batch sizes change only the speed; the probe
+# stage reads the pretrained model without changing it
+NOT_A_SETTING = {"seed", "threads", "name", "probe", "batch_size@eval"}
+
+
+def _flat(d, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if k in NOT_A_SETTING or f"{k}@{prefix[:-1]}" in NOT_A_SETTING:
+            continue
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = json.dumps(v, sort_keys=True)
+    return out
+
+
+def _settings(run: Run, cell: str) -> dict[str, object]:
+    c = run.cell(cell)
+    return {} if c is None else _flat(c.model_dump(mode="json"))
+
+
+def _variants(runs_cells) -> list[tuple[str, list[tuple[Run, dict]]]]:
+    """Split one cell's runs by their settings (seeds aside): ``[(label, runs_cells)]`` in
+    the order first given; the label names the settings where the groups differ (empty
+    when every run has the same settings, the usual case of seeds)."""
+    groups: dict[str, list] = {}
+    flats: dict[str, dict] = {}
+    for r, res in runs_cells:
+        f = _settings(r, res["cell"])
+        key = json.dumps(f, sort_keys=True)
+        groups.setdefault(key, []).append((r, res))
+        flats[key] = f
+    if len(groups) < 2:
+        return [("", list(runs_cells))]
+    keys = sorted({k for f in flats.values() for k in f})
+    differ = [k for k in keys if len({flats[g].get(k) for g in groups}) > 1]
+    # a section set in one run and absent (None) in another is named once, not per key
+    differ = [k for k in differ if not any(k.startswith(d + ".") for d in differ)]
+    out = []
+    for g, rc in groups.items():
+        f = flats[g]
+        label = ", ".join(f"{k}={json.loads(f[k]) if k in f else '–'}" for k in differ)
+        out.append((label, rc))
+    return out
+
+
 def _reason(runs_cells, ours: float | None, paper: float | None) -> str:
     """A measured reason where ours and the paper's differ by more than 10 points."""
     if ours is None or paper is None or abs(ours - paper) <= 10:
@@ -116,29 +166,33 @@ def _row(runs_cells, key: str = "ood") -> tuple[list[float], str]:
     return vals, per
 
 
-def _grid(runs: list[Run], recipe: str, cells: list[str], paper: dict[str, float | None],
-          title: str) -> list[str]:
+def _grid(runs: list[Run], recipe: str, cells: list[str], paper, title: str) -> list[str]:
+    """One row per cell (and per distinct setting of it); ``paper``: the paper's number by
+    cell name, or a function of (name, cell config) giving it."""
     lines = [f"## {title}", "",
              "| cell | paper OOD | **factlab OOD** (mean ± half-range) | each run | bios "
              "memorised | reason for a gap |", "|---|---|---|---|---|---|"]
     for name in cells:
-        rc = _cells(runs, recipe, name)
-        if not rc:
-            continue
-        vals, per = _row(rc)
-        mean, _ = _stats(vals)
-        p = paper.get(name)
-        mem = _mean_spread([bio_memorised(res) for _, res in rc])
-        lines.append(f"| {name} | {'–' if p is None else f'{p:.1f}'} | "
-                     f"**{_mean_spread(vals)}** | {per} | {mem} | {_reason(rc, mean, p)} |")
+        for label, rc in _variants(_cells(runs, recipe, name)):
+            vals, per = _row(rc)
+            mean, _ = _stats(vals)
+            p = paper(name, rc[0][0].cell(name)) if callable(paper) else paper.get(name)
+            mem = _mean_spread([bio_memorised(res) for _, res in rc])
+            row = f"{name} ({label})" if label else name
+            lines.append(f"| {row} | {'–' if p is None else f'{p:.1f}'} | "
+                         f"**{_mean_spread(vals)}** | {per} | {mem} | {_reason(rc, mean, p)} |")
     return lines + [""]
 
 
 def _ordering(runs: list[Run]) -> list[str]:
-    means = {}
+    means, other = {}, []
     for name in FIG3:
         if name in PAPER_OOD_MEAN:
-            m, s = _stats([res["ood"]["exact_match"] for _, res in _cells(runs, "fig3", name)])
+            variants = _variants(_cells(runs, "fig3", name))
+            if not variants[0][1]:
+                continue
+            other += [f"{name} ({label})" for label, _ in variants[1:]]
+            m, s = _stats([res["ood"]["exact_match"] for _, res in variants[0][1]])
             if m is not None:
                 means[name] = (m, s)
     names = [n for n in FIG3 if n in means]
@@ -147,7 +201,9 @@ def _ordering(runs: list[Run]) -> list[str]:
     lines = ["### The Figure 3 ordering", "",
              f"Every pair of cells the paper measured; pairs it puts ≥ {STRICT_GAP:.0f} points "
              "apart must keep its order on the mean (*strict*), closer pairs are shown with "
-             f"their spread; a gap within the spread or under {TIE:.0f} points is a tie.", "",
+             f"their spread; a gap within the spread or under {TIE:.0f} points is a tie."
+             + (" Each cell at the settings of its first run given; left out: "
+                + ", ".join(other) + "." if other else ""), "",
              "| lower (paper) | higher (paper) | paper gap | factlab gap | kind | held |",
              "|---|---|---|---|---|---|"]
     for i, a in enumerate(names):
@@ -176,12 +232,14 @@ def _inverse(runs: list[Run]) -> list[str]:
              "| cell | bios | paper, inverse | **inverse OOD** | each run | forward OOD | "
              "bios memorised |", "|---|---|---|---|---|---|---|"]
     for name in dict.fromkeys(res["cell"] for _, res in rows):
-        rc = [(r, res) for r, res in rows if res["cell"] == name]
-        vals, per = _row(rc, "ood_inverse")
-        fwd, _ = _row(rc, "ood")
-        lines.append(f"| {name} | {rc[0][1]['augment']} | {paper_inverse_note(rc[0][0].cell(name))}"
-                     f" | **{_mean_spread(vals)}** | {per} | {_mean_spread(fwd)} | "
-                     f"{_mean_spread([bio_memorised(res) for _, res in rc])} |")
+        for label, rc in _variants([(r, res) for r, res in rows if res["cell"] == name]):
+            vals, per = _row(rc, "ood_inverse")
+            fwd, _ = _row(rc, "ood")
+            row = f"{name} ({label})" if label else name
+            lines.append(f"| {row} | {rc[0][1]['augment']} | "
+                         f"{paper_inverse_note(rc[0][0].cell(name))}"
+                         f" | **{_mean_spread(vals)}** | {per} | {_mean_spread(fwd)} | "
+                         f"{_mean_spread([bio_memorised(res) for _, res in rc])} |")
     return lines + [""]
 
 
@@ -288,19 +346,17 @@ def reproduction_lines(runs: list[Run]) -> list[str]:
         lines += _grid(runs, "quickstart", ["single", "multi5+permute"], fig3,
                        "The quickstart's two cells")
     if "mixed" in names:
-        cfg = {c.name: c for r in runs if r.name == "mixed" for c in r.recipe.cells}
         cells = list(dict.fromkeys(res["cell"] for r in runs if r.name == "mixed"
                                    for res in r.results))
 
-        def paper_of(c):  # the paper's mixed number is at QA_r = 0.8, bioS single
+        def paper_of(_, c):  # the paper's mixed number is at QA_r = 0.8, bioS single
             if c.world.augment != "single":
                 return None
             if c.regime != "mixed":
                 return PAPER_OOD_MEAN["single"]
             return PAPER_OOD_MEAN["mixed:single"] if abs(c.qa_ratio - 0.8) < 1e-9 else None
 
-        paper = {n: paper_of(cfg[n]) for n in cells}
-        lines += _grid(runs, "mixed", cells, paper,
+        lines += _grid(runs, "mixed", cells, paper_of,
                        "Mixed training on bioS single (`mixed`; paper's mixed number is at "
                        "QA_r = 0.8)")
     if "celebrity" in names:
