@@ -527,7 +527,8 @@ def memory_tune(
                                          help="world: names for --random, locality sets"),
     values: Optional[str] = typer.Option(None, "--values",
                                          help="with --random: values of this world attribute "
-                                              "(e.g. birth_city) instead of random strings"),
+                                              "(e.g. birth_city) instead of random strings; "
+                                              "without a world: birth_city (shipped cities)"),
     tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer directory"),
     minutes: Optional[float] = typer.Option(None, "--minutes", help="tuning time budget"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -538,8 +539,8 @@ def memory_tune(
 ) -> None:
     """Tune a memory bank on a frozen MODEL until every fact is recalled exactly; report
     reliability, locality, hallucination on never-stored names and abstention AUROC."""
-    from factlab.memory.facts import (attribute_facts, file_facts, fresh_names, random_answers,
-                                      world_valued_facts)
+    from factlab.memory.facts import (attribute_facts, city_valued_facts, file_facts,
+                                      fresh_names, random_answers, world_valued_facts)
     from factlab.memory.run import MemorySettings, report, tune_memory
 
     _quiet_hf()
@@ -571,12 +572,18 @@ def memory_tune(
 
         corpus = load_world(wpath)
     if random is not None:
-        if values is not None and corpus is None:
-            raise FactlabError("--values needs a world (--world DIR): its attribute's values")
+        if values is not None and corpus is None and \
+                values.strip().replace(" ", "_") != "birth_city":
+            raise FactlabError(f"--values {values}: without a world (--world DIR) only "
+                               f"birth_city (the shipped cities) has values to draw")
         # new names from the world's pools, or from every shipped name without a world
         names = fresh_names(corpus.world if corpus is not None else None, random, cfg.seed)
-        qa = attribute_facts(names, random_answers(random, cfg.seed)) if values is None else \
-            world_valued_facts(corpus, names, values, cfg.seed)
+        if values is None:
+            qa = attribute_facts(names, random_answers(random, cfg.seed))
+        elif corpus is None:  # "What is the birth city of NAME?", a shipped city
+            qa = city_valued_facts(names, cfg.seed)
+        else:
+            qa = world_valued_facts(corpus, names, values, cfg.seed)
     else:
         qa, names = file_facts(facts)
     import torch

@@ -125,6 +125,10 @@ def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(ti
     assert set(loc) == {"general", "never_stored"} and loc["general"]["prompts"] == 20
     assert loc["general"]["unchanged"] == 1.0 and loc["never_stored"]["unchanged"] == 1.0
     assert loc["general"]["accuracy_after"] == loc["general"]["accuracy_before"]
+    # generalization without a world: the generic held-out phrasings of every stored fact
+    g = res["generalization"]
+    assert g["prompts"] == 8 and 0.0 <= g["gate_open"] <= 1.0
+    assert 0.0 <= g["generation_exact_match"] <= 1.0 and g["backbone"] == 0.0
     # the radius was chosen on the validation halves, so the gate's score is a measure
     assert res["abstention"]["auroc_stored_vs_never_stored"] > 0.9
     assert "general knowledge: the answer in the reply" in (out / "report.md").read_text()
@@ -133,8 +137,8 @@ def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(ti
 def test_memory_tune_bad_input(tiny, tmp_path):
     hf, w = tiny / "hf", tiny / "world"
     assert cli("memory", "tune", hf, "--out", tmp_path / "a") == 2  # neither facts nor random
-    assert cli("memory", "tune", hf, "--random", 4, "--values", "birth_city",
-               "--out", tmp_path / "b") == 2  # world values without a world
+    assert cli("memory", "tune", hf, "--random", 4, "--values", "major",
+               "--out", tmp_path / "b") == 2  # world values without a world (birth_city only)
     assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "c",
                "--set", "bogus=1") == 2
     assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out", tmp_path / "d",
@@ -196,8 +200,34 @@ def test_paraphrases_of_stored_facts_come_from_the_world_templates():
     assert len(para) == 6 and list(idx) == list(range(6))
     for i, q in zip(idx, para.question):
         assert names[i] in q and q != facts.question[i]
-    none, _ = paraphrases(world, attribute_facts(names, ["v"] * 6), names)  # access code
-    assert none is None
+    # an attribute the world does not have (access code): the generic held-out phrasings
+    gen, idx = paraphrases(world, attribute_facts(names, ["v"] * 6), names)
+    assert list(idx) == list(range(6))
+    assert gen.question[0] == f"Which access code does {names[0]} have?"
+    assert gen.question[1] == f"Tell me the access code of {names[1]}?"
+    assert gen.answer == ["v"] * 6 and gen.heldout
+
+
+def test_paraphrases_without_a_world_are_the_shipped_held_out_phrasings():
+    """A pretrained model outside any world: a bioS attribute gets the bioS paraphrases
+    (never the stored question), any other name the generic ones."""
+    from factlab.memory.facts import attribute_facts, city_valued_facts, fresh_names
+    from factlab.memory.run import paraphrases, shipped_paraphrases
+    from factlab.text.templates import bios_templates
+
+    names = fresh_names(None, 8, 0)
+    facts = city_valued_facts(names, 0)
+    para, idx = paraphrases(None, facts, names)
+    assert list(idx) == list(range(8)) and para.answer == facts.answer
+    held = bios_templates().paraphrases["birth_city"]
+    assert para.question[1] == held[1].replace("{name}", names[1])  # "Where was NAME born?"
+    assert all(q != facts.question[i] for i, q in zip(idx, para.question))
+    assert set(para.question) == {held[i % 4].replace("{name}", names[i]) for i in range(8)}
+    assert shipped_paraphrases("home port")[0] == "Which home port does {name} have?"
+    # a stored question that is itself the phrasing in turn gets the next phrasing instead
+    own = attribute_facts(names[:1], ["x"], question="Which {attribute} does {name} have?")
+    p1, _ = paraphrases(None, own, names[:1])
+    assert p1.question == [f"Tell me the access code of {names[0]}?"]
 
 
 def test_random_labels_experiment_end_to_end(tiny, tmp_path):

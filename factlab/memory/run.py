@@ -217,28 +217,52 @@ def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
     return {"own": own, "never_stored": never, "stored_entities": about}
 
 
+def shipped_paraphrases(attribute: str) -> list[str]:
+    """Held-out phrasings of the question about ``attribute`` outside any world: the bioS
+    paraphrases for its six attributes (``birth city``: "Where was {name} born?", ...), the
+    generic ones for any other name ("Which access code does {name} have?", ...)."""
+    from factlab.text.templates import ATTRIBUTES, bios_templates, generic_entry
+
+    key = attribute.strip().replace(" ", "_")
+    if key in ATTRIBUTES:
+        return list(bios_templates().paraphrases[key])
+    return list(generic_entry(attribute)["paraphrases"])
+
+
 def paraphrases(corpus, facts, names: list[str]):
-    """A held-out paraphrase of each stored fact whose attribute is one of the world's
-    (``birth city`` = ``birth_city``): the world's paraphrased question of that attribute
-    about one of its people, with the stored entity's name put in. None if there is none."""
+    """A held-out paraphrase of each stored fact: for an attribute the world has (``birth
+    city`` = ``birth_city``), the world's paraphrased question of that attribute about one of
+    its people with the stored entity's name put in; for any other attribute, or without a
+    world (``corpus`` None), one of :func:`shipped_paraphrases` in turn. A paraphrase is
+    never the stored question itself (the next phrasing is taken). None if no fact has one."""
     from factlab.text.qa import QA
 
-    para = corpus.qa(paraphrase=True)
-    wattr = {a.replace("_", " "): j for j, a in enumerate(para.attributes)}
     by_attr: dict[int, list[int]] = {}
-    for i, a in enumerate(np.asarray(para.attribute).tolist()):
-        by_attr.setdefault(a, []).append(i)
-    people = corpus.people.names
+    wattr: dict[str, int] = {}
+    if corpus is not None:
+        para = corpus.qa(paraphrase=True)
+        wattr = {a.replace("_", " "): j for j, a in enumerate(para.attributes)}
+        for i, a in enumerate(np.asarray(para.attribute).tolist()):
+            by_attr.setdefault(a, []).append(i)
+        people = corpus.people.names
+    shipped: dict[str, list[str]] = {}
     rows = []
     for i in range(len(facts)):
-        j = wattr.get(facts.attributes[int(facts.attribute[i])].replace("_", " "))
-        if j is None or j not in by_attr:
-            continue
-        k = by_attr[j][i % len(by_attr[j])]
-        src = people[int(para.person[k])]
+        attr = facts.attributes[int(facts.attribute[i])]
         name = names[int(facts.person[i])]
-        if src in para.question[k]:
-            rows.append((i, para.question[k].replace(src, name)))
+        j = wattr.get(attr.replace("_", " "))
+        if j is not None and j in by_attr:
+            k = by_attr[j][i % len(by_attr[j])]
+            src = people[int(para.person[k])]
+            q = para.question[k].replace(src, name) if src in para.question[k] else None
+        else:
+            ts = shipped.setdefault(attr, shipped_paraphrases(attr))
+            # the phrasing in turn, or the next one when that one is the stored question
+            q = next((c for k in range(len(ts))
+                      for c in [ts[(i + k) % len(ts)].replace("{name}", name)]
+                      if c != facts.question[i]), None)
+        if q is not None and q != facts.question[i]:
+            rows.append((i, q))
     if not rows:
         return None, None
     idx = np.array([r[0] for r in rows])
@@ -611,7 +635,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     # ---- after: generation first, teacher-forced beside
     t0 = time.perf_counter()
     m.eval()
-    para = paraphrases(corpus, facts, names)[0] if corpus is not None else None
+    para = paraphrases(corpus, facts, names)[0]
     after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
     recs = after.pop("_records")
     correct = np.array([r["correct"] for r in recs])
