@@ -54,6 +54,14 @@ def test_recipe_errors():
     assert [c.name for c in r.cells] == ["single", "multi5"]
 
 
+def test_null_for_a_block_the_recipe_sets_restores_its_defaults():
+    # fig3's documented paper-scale override: the recipe's pools of 50 -> the paper's pools
+    assert load_recipe("fig3").cells[0].world.pools.cities == 50
+    cell = load_recipe("fig3", ["world.pools=null", "world.people=30"]).cells[0]
+    assert cell.world.pools.cities == 200 and cell.world.pools.companies == 263
+    assert cell.world.people == 30 and cell.world.unknown == 50  # the rest of world stays
+
+
 def test_packing_schedule():
     from factlab.experiments.recipe import packing_segments
     from factlab.experiments.stages import bio_stream

@@ -121,10 +121,18 @@ class MemorySettings(Strict):
 
 
 def _available_bytes() -> int | None:
+    """Free memory where the bank will live: host RAM, and the GPU's when there is one
+    (the bank is built in host memory, then moved with the model)."""
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return None
+        free = None
+    import torch
+
+    if torch.cuda.is_available():
+        gpu = torch.cuda.mem_get_info()[0]
+        free = gpu if free is None else min(free, gpu)
+    return free
 
 
 def check_bank_fits(cfg: MemorySettings, width: int, n_banks: int) -> dict:
