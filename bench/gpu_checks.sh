@@ -15,8 +15,10 @@
 # Each step has its own time limit, so a slow one cannot take the rest with it; what ran
 # lands in $OUT/log.txt, and the small files of steps 2-3 in $OUT/*.tgz. Where pydantic is
 # missing (the device image has none), wheels in .whl/ are installed first (see
-# /work/.library/device/README.md for how they were fetched). The numbers it printed on
-# 2026-12-04 are in docs/memory.md and docs/extraction.md.
+# /work/.library/device/README.md for how they were fetched: pydantic 2.14.4,
+# pydantic_core 2.50.5, annotated-types 0.8.0, typing-inspection 0.4.5, typing_extensions
+# 4.16.0 for CPython 3.12). Prepared on 2026-12-04 and checked here on the CPU for its
+# plumbing only: no GPU has run it yet. The time limits add up to ~9.5 minutes.
 set -u
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
