@@ -55,7 +55,7 @@ def test_table_has_means_spreads_and_the_ordering(tmp_path):
     assert "scale: 400 people (paper 100,000)" in text
     assert "| name-last | multi5+permute+reverse | works" in text and "**50.0**" in text
     assert "Not run here: `mixed`, `celebrity`, `capacity`." in text
-    assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 2500 × 8" in text
+    assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 5000 × 8" in text
 
 
 def test_not_a_run_directory(tmp_path):
@@ -168,9 +168,9 @@ def test_runs_of_one_cell_at_other_settings_get_their_own_rows(tmp_path):
 def test_ordering_uses_one_setting_per_cell_and_names_the_others(tmp_path):
     a = _run(tmp_path, "s0", "fig3", 0, {"single": 0.10, "multi5+permute": 0.84})
     b = _run(tmp_path, "long", "fig3", 0, {"single": 0.30, "multi5+permute": 0.20},
-             overrides=["pretrain.steps=5000"])
+             overrides=["pretrain.steps=9000"])
     text = "\n".join(reproduction_lines([load_run(a), load_run(b)]))
     row = next(ln for ln in text.splitlines()
                if ln.startswith("| single (9.7) | multi5+permute (96.6)"))
     assert "+74.0" in row and "| yes |" in row
-    assert "left out: single (pretrain.steps=5000), multi5+permute (pretrain.steps=5000)." in text
+    assert "left out: single (pretrain.steps=9000), multi5+permute (pretrain.steps=9000)." in text
