@@ -19,7 +19,7 @@ def _ood(r):
 
 
 # seed 0 at the recipe's 5,000 steps, 2026-12-04 (OOD %): single 11.3, single+permute1 11.4,
-# multi5 27.1, single+permute5 33.2, multi5+permute 94.1; every cell's bios >= 99.7%
+# multi5 27.1, single+permute5 33.2, multi5+permute 94.1; every cell's bios >= 99.6%
 # memorised (at 2,500 steps multi5 31.0 and single+permute5 28.1 were in the wrong order)
 @pytest.mark.slow
 def test_fig3_augmentation_makes_knowledge_extractable(tmp_path):
