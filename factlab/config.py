@@ -45,9 +45,13 @@ def parse_overrides(items: list[str] | None) -> dict:
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, block by block. ``null`` given for a block that ``base``
+    sets (``world.pools=null``) drops the block, so that its defaults apply."""
     out = dict(base)
     for k, v in extra.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
+        if v is None and isinstance(out.get(k), dict):
+            out.pop(k)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = deep_merge(out[k], v)
         else:
             out[k] = v

@@ -224,24 +224,10 @@ def recipe_path(name_or_path: str) -> Path:
     return Path(str(res))
 
 
-def _with_overrides(base: dict, extra: dict) -> dict:
-    """``deep_merge``, except that ``null`` given for a block the recipe sets (``world.pools
-    =null``) drops the block, so that its defaults (the paper's pools) apply."""
-    out = dict(base)
-    for k, v in extra.items():
-        if v is None and isinstance(out.get(k), dict):
-            out.pop(k)
-        elif isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _with_overrides(out[k], v)
-        else:
-            out[k] = v
-    return out
-
-
 def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
     """Read a recipe, apply ``key.sub=value`` overrides to the shared part, expand cells."""
     path = recipe_path(name_or_path)
-    data = _with_overrides(load_yaml(path), parse_overrides(overrides))
+    data = deep_merge(load_yaml(path), parse_overrides(overrides))
     cells = data.pop("cells", None)
     if not cells:
         raise FactlabError(f"{path}: a recipe needs a non-empty 'cells' list")
