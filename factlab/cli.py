@@ -642,6 +642,20 @@ def memory_ask(
         console.print(line, markup=False, highlight=False)
         console.print(f"[dim]memory: {'holds' if held else 'does not hold'} this question "
                       f"(nearest stored key {score:.4f}, radius {m.radius:.4f})[/]")
+    elif m.entgate is not None:  # the entity gate: did it open, on which stored fact
+        import numpy as np
+
+        qa = QA(person=np.zeros(1, np.int32), attribute=np.zeros(1, np.int16),
+                template=np.zeros(1, np.int16), question=[question], answer=["?"],
+                attributes=("?",), heldout=False)
+        e = encode_qa(tok, qa, fmt)
+        at, kid = m.openings([e.example(0)[:int(e.answer_start[0])]])
+        held = bool(at[0] >= 0)
+        if abstain and not held:
+            line = "unknown"
+        console.print(line, markup=False, highlight=False)
+        console.print(f"[dim]memory: {'holds' if held else 'does not hold'} this question "
+                      f"(entity gate{f': stored fact {int(kid[0])}' if held else ''})[/]")
     else:
         console.print(line, markup=False, highlight=False)
 

@@ -528,3 +528,133 @@ def test_sequential_writes_with_key_routing_need_no_replay(setting, tmp_path):
     again = load_any(tmp_path / "saved")
     assert again.span == 16 and again.kw["routing"] == "key"
     assert evaluate_qa(again, s["tok"], facts)[0]["exact_match"] == 1.0
+
+
+# ---------------------------------------------------------------- the entity gate
+def test_entity_gate_opens_on_a_stored_entity_asked_a_stored_relation_only():
+    from factlab.memory.entity import EntityGate, running_best, threshold_above
+
+    torch.manual_seed(0)
+    d = 8
+    g = EntityGate(d)
+    people = torch.randn(6, d)
+    people[:, 4:] = 0  # dims 0-3: who; dims 4-7 (at the relation layer): which relation
+    g.add(people[:4], [0, 0, 1, 1])  # persons 0, 1 stored with relation 0; 2, 3 with 1
+    # the relation test: relation r's questions carry +3 in dim 4 + r, others are noise
+    x, y = [], []
+    for r in (-1, 0, 1):
+        z = 0.3 * torch.randn(40, d)
+        if r >= 0:
+            z[:, 4 + r] += 3
+        else:
+            z[:, 6] += 3  # a third relation, not stored
+        x.append(z)
+        y += [r] * 40
+    x = torch.cat(x)
+    g.fit_relations(x, y)
+    lg = g.relation_logits(x)
+    y = np.array(y)
+    thr = [threshold_above(lg[torch.as_tensor(y != r), r].numpy(), float(lg[y == r, r].min()),
+                           0.5) for r in (0, 1)]
+    g.set_thresholds(0.95, thr)
+
+    def ask(person, rel):
+        """name at position 0, filler at 1, the question's end (relation) at 2"""
+        ent = torch.zeros(1, 3, d)
+        ent[0, 0] = people[person]
+        ent[0, 1:, :4] = 0.01 * torch.randn(2, 4)
+        rel_h = 0.3 * torch.randn(1, 3, d)
+        rel_h[0, 2, 4 + rel] += 3
+        best, arg = running_best(*g.entity_scores(ent))
+        return g.decide(best, arg, g.relation_logits(rel_h))
+
+    for person, rel in ((0, 0), (1, 0), (2, 1), (3, 1)):  # stored: opens at the end, own key
+        hit, kid = ask(person, rel)
+        assert hit.tolist() == [[False, False, True]] and int(kid[0, 2]) == person
+    for person, rel in ((0, 1), (2, 0), (4, 0), (5, 1), (0, 2)):  # a stored entity asked
+        # another relation, never-stored people, a relation never stored: shut everywhere
+        assert not ask(person, rel)[0].any()
+    with pytest.raises(FactlabError, match="no positive"):
+        EntityGate(d).fit_relations(x[:10], [-1] * 10)
+
+
+def test_entity_gate_reads_the_named_facts_rows_and_leaves_the_rest_exact(setting):
+    from factlab.evaluate.generate import evaluate_qa
+    from factlab.memory.entity import subject_end_tokens, write_entity_gate
+    from factlab.tokens.encode import encode_qa
+    from factlab.tokens.streams import QAStream
+    from factlab.train import Loop, TrainConfig
+
+    s = setting
+    tok, bb, kn = s["tok"], s["backbone"], s["known"]
+    facts = QA(s["facts"].names[:20], s["facts"].answer[:20])
+    enc = encode_qa(tok, facts)
+    ends = subject_end_tokens(tok, facts.question, facts.names)
+    for q in range(20):  # the name's last token: the prefix up to it ends with the name
+        assert tok.decode(enc.example(q)[:ends[q] + 1]).endswith(facts.names[q])
+        assert not tok.decode(enc.example(q)[:ends[q]]).endswith(facts.names[q])
+    m = MemoryModel(bb, n_keys=16, heads=2, topk=4, key_dim=8, gate="entity", routing="key",
+                    span=12)
+    assert m.layers == ["head"] and (m.entity_layer, m.key_layer) == (0, 1)
+    x = torch.from_numpy(enc.example(0).astype(np.int64))[None]
+    assert torch.equal(m(input_ids=x).logits, bb(input_ids=x).logits)  # nothing written
+    fit_pos = QA(kn.names[80:120], ["-"] * 40)
+    other_rel = QA(kn.names[:40], ["-"] * 40, question="What is the birth city of {}?")
+    info = write_entity_gate(m, tok, facts, facts.names, fit_positive=fit_pos,
+                             fit_positive_names=fit_pos.names, fit_negative=[other_rel],
+                             entity_negative=[QA(kn.names[40:80], kn.answer[40:80])])
+    assert info["relations"] == ["code"] and 0 < info["radius"] < 1
+    with pytest.raises(FactlabError, match="already stored"):
+        write_entity_gate(m, tok, facts, facts.names, entity_negative=[other_rel])
+    prompts = [enc.example(q)[:int(enc.answer_start[q])] for q in range(20)]
+    at, kid = m.openings(prompts)  # every stored question: at its last token, its own key
+    assert at.tolist() == [len(p) - 1 for p in prompts] and kid.tolist() == list(range(20))
+    with torch.no_grad():
+        m.banks[0].values.weight.normal_()
+    slots = m.routes(x)[0].reshape(-1)  # the fact's own rows, from the question's end on
+    a = int(enc.answer_start[0]) - 1
+    assert (slots[:a] == -1).all() and slots[a:].tolist() == list(range(x.shape[1] - a))
+    # never-stored names, and stored names asked another relation: where the gate stays
+    # shut, the backbone's output exactly
+    shut = 0
+    for qa in (QA(kn.names[120:160], kn.answer[120:160]),
+               QA(facts.names, ["-"] * 20, question="What is the birth city of {}?")):
+        e = encode_qa(tok, qa)
+        ps = [e.example(q)[:int(e.answer_start[q])] for q in range(len(e))]
+        at, _ = m.openings(ps)
+        shut += int((at < 0).sum())
+        for q in np.flatnonzero(at < 0)[:5]:
+            y = torch.from_numpy(e.example(int(q)).astype(np.int64))[None]
+            assert torch.equal(m(input_ids=y).logits, bb(input_ids=y).logits)
+    assert shut >= 54  # of 60 (a tiny backbone: names of a 20 x 20 grid share parts)
+    # cached generation opens where uncached decoding does and reads the same rows
+    x0 = torch.from_numpy(prompts[1].astype(np.int64))[None]
+    g = m.generate(input_ids=x0, max_new_tokens=6, do_sample=False, use_cache=True,
+                   pad_token_id=1)
+    ids = x0
+    for _ in range(6):
+        ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+    # tuned on the one loop: every fact recalled; the gate travels with the saved model
+    m.zero_bank()
+    plug = MemoryTuning(enc, 64, 1, value_lr=2.0, pin_steps=0)
+    cfg = TrainConfig(steps=300, batch_size=20, log_every=50, precision="no", ckpt_minutes=0,
+                      schedule="constant", clip=0, sparse_optimizer="sparse_adam")
+    loop = Loop(m, QAStream(enc, 64, 1, pack=False), cfg, s["tmp"] / "entity", plugins=[plug],
+                progress=False)
+    loop.run()
+    assert plug.done.all() and evaluate_qa(m, tok, facts)[0]["exact_match"] == 1.0
+    again = load_any(s["tmp"] / "entity" / "model")
+    assert len(again.entgate) == 20 and float(again.entgate.radius) == info["radius"]
+    assert evaluate_qa(again, tok, facts)[0]["exact_match"] == 1.0
+    assert torch.equal(again(input_ids=x).logits, m(input_ids=x).logits)
+    with pytest.raises(FactlabError, match="needs routing='key'"):
+        MemoryModel(bb, n_keys=16, topk=4, gate="entity")
+    with pytest.raises(FactlabError, match="after the relation layer"):
+        MemoryModel(bb, n_keys=16, topk=4, gate="entity", routing="key", layers=[1])
+    m2 = MemoryModel(bb, n_keys=16, topk=4, gate="entity", routing="key", span=12)
+    with pytest.raises(FactlabError, match="does not contain its subject"):
+        write_entity_gate(m2, tok, facts, ["Nobody"] * 20, entity_negative=[other_rel])
+    with pytest.raises(FactlabError, match="entity gate holds 0 keys"):
+        Loop(m2, QAStream(enc, 64, 1, pack=False), cfg, s["tmp"] / "entity2",
+             plugins=[MemoryTuning(enc, 64, 1)], progress=False).run()

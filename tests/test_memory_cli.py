@@ -122,8 +122,11 @@ def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(ti
     # (recall to 100% is the world test's; here 7 of 8 at this tiny budget)
     assert res["reliability"]["generation_exact_match"] >= 0.85
     loc = res["locality"]
-    assert set(loc) == {"general", "never_stored"} and loc["general"]["prompts"] == 20
-    assert loc["general"]["unchanged"] == 1.0 and loc["never_stored"]["unchanged"] == 1.0
+    # (and the shipped canonical questions of other attributes about the stored names)
+    assert set(loc) == {"general", "never_stored", "stored_entities"}
+    assert loc["general"]["prompts"] == 20 and loc["stored_entities"]["prompts"] == 20
+    assert {k: v["unchanged"] for k, v in loc.items()} == \
+        {"general": 1.0, "never_stored": 1.0, "stored_entities": 1.0}
     assert loc["general"]["accuracy_after"] == loc["general"]["accuracy_before"]
     # generalization without a world: the generic held-out phrasings of every stored fact
     g = res["generalization"]
@@ -132,6 +135,30 @@ def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(ti
     # the radius was chosen on the validation halves, so the gate's score is a measure
     assert res["abstention"]["auroc_stored_vs_never_stored"] > 0.9
     assert "general knowledge: the answer in the reply" in (out / "report.md").read_text()
+
+
+def test_the_entity_gate_end_to_end(tiny, capsys):
+    out = tiny / "entity"
+    assert cli("memory", "tune", tiny / "hf", "--random", 8, "--values", "birth_city",
+               "--world", tiny / "world", "--out", out, "--set", "routing=key",
+               "--set", "gate=entity", "--set", "relation_names=20", *SMALL) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["reliability"]["generation_exact_match"] == 1.0
+    assert res["reliability"]["bank_zeroed"] == res["reliability"]["backbone_before"]
+    g = res["entity_gate"]
+    assert g["relations"] == ["birth city"] and 0 < g["radius"] < 1
+    assert g["fit"]["positives"] == 8 + 20  # the stored questions + 20 other names
+    # the gate's thresholds sit above every validation negative; the test halves are
+    # what is reported (here every answer of theirs unchanged)
+    assert set(res["locality"]) == {"own", "never_stored", "stored_entities"}
+    assert min(v["unchanged"] for v in res["locality"].values()) >= 0.95
+    assert 0 <= res["generalization"]["gate_open"] <= 1
+    assert "entity radius" in (out / "report.md").read_text()
+    fact = json.loads((out / "predictions_facts.jsonl").read_text().splitlines()[0])
+    capsys.readouterr()
+    assert cli("memory", "ask", out, fact["question"]) == 0
+    said = capsys.readouterr().out
+    assert said.splitlines()[0].strip() == fact["answer"] and "stored fact 0" in said
 
 
 def test_memory_tune_bad_input(tiny, tmp_path):
@@ -156,6 +183,8 @@ def test_memory_tune_bad_input(tiny, tmp_path):
     for args in (["--set", "writes=5"],  # 4 facts cannot make 5 writes
                  ["--set", "routing=key", "--set", "gate=none"],  # key routing needs keys
                  ["--set", "routing=key", "--set", "n_keys=4"],  # 4 x span rows > 16 slots
+                 ["--set", "gate=entity"],  # the entity gate reads key-routed rows
+                 ["--set", "gate=entity", "--set", "routing=key", "--set", "writes=2"],
                  ["--values", "shoe_size"]):  # not an attribute of the world
         assert cli("memory", "tune", hf, "--random", 4, "--world", w, "--out",
                    tmp_path / "h", *args) == 2

@@ -11,7 +11,10 @@ backbone's own states at the end of each stored question, read at the lowest mem
 before anything is added; the banks act only from the position where a stored question
 matches (cosine >= radius) to the end of the sequence, and add nothing elsewhere (closed,
 the model is the backbone exactly). During cached generation the open/closed state of
-each row carries over from the prompt's forward to the steps after it. The backbone is held by reference (``factlab.model.wrapper.FrozenBackbone``) and
+each row carries over from the prompt's forward to the steps after it. ``gate="entity"``
+(``factlab.memory.entity``, with ``routing="key"``) opens instead where a stored entity's
+name was read and a stored relation is asked, however the question is phrased, and reads
+that fact's rows. The backbone is held by reference (``factlab.model.wrapper.FrozenBackbone``) and
 never copied; ``save_pretrained`` writes only the banks (+ the backbone's path and hash).
 """
 
@@ -25,6 +28,7 @@ from torch import nn
 
 from factlab.errors import FactlabError
 from factlab.memory.bank import ProductKeyMemory
+from factlab.memory.entity import EntityGate, running_best
 from factlab.memory.gate import KeyGate
 from factlab.model.layers import decoder_layers  # noqa: F401 (re-exported)
 from factlab.model.wrapper import FrozenBackbone
@@ -48,7 +52,8 @@ class MemoryModel(FrozenBackbone):
                  null: float | None = None, seed: int = 0, experts: str = "values",
                  backbone_path: str | None = None,
                  backbone_train: bool = False, prompt_format: str = "plain",
-                 key_index: str = "exact"):
+                 key_index: str = "exact", entity_layer: int | None = None,
+                 relation_layer: int | None = None):
         super().__init__(backbone, backbone_path=backbone_path, backbone_train=backbone_train)
         if prompt_format not in ("plain", "chat"):
             raise FactlabError(f"memory prompt_format={prompt_format!r}: plain or chat")
@@ -58,7 +63,7 @@ class MemoryModel(FrozenBackbone):
         blocks = decoder_layers(backbone)
         gate = {True: "learned", False: None, "none": None}.get(gate, gate)
         if layers is None:  # with a key gate: at the head's input (see the module doc)
-            layers = ["head"] if gate == "keys" else default_layers(len(blocks))
+            layers = ["head"] if gate in ("keys", "entity") else default_layers(len(blocks))
         layers = [x if x == "head" else int(x) for x in layers]
         ints = [x for x in layers if x != "head"]
         bad = [x for x in ints if not 0 <= x < len(blocks)]
@@ -66,8 +71,12 @@ class MemoryModel(FrozenBackbone):
             raise FactlabError(f"memory layers {layers}: need distinct layer indices in "
                                f"[0, {len(blocks)}) or 'head'")
         d = backbone.config.hidden_size
-        if gate not in (None, "learned", "keys"):
-            raise FactlabError(f"memory gate={gate!r}: choose none, learned or keys")
+        if gate not in (None, "learned", "keys", "entity"):
+            raise FactlabError(f"memory gate={gate!r}: choose none, learned, keys or entity")
+        if gate == "entity" and routing != "key":
+            raise FactlabError("memory gate='entity' reads the matched fact's own rows: it "
+                               "needs routing='key'")
+        self._gated = gate in ("keys", "entity")  # the banks act only where a gate opened
         self.layers, self.gate_kind = layers, gate
         query = query or ("state+question" if gate == "keys" else "state")
         if query not in ("state", "state+question") or (query != "state" and gate != "keys"):
@@ -75,9 +84,9 @@ class MemoryModel(FrozenBackbone):
                                f"gate='keys'")
         self.query = query
         self.gate = gate == "learned"  # the learned sigmoid gate
-        if routing == "key" and gate != "keys":
+        if routing == "key" and not self._gated:
             raise FactlabError("memory routing='key' (each stored question its own slots) "
-                               "needs gate='keys'")
+                               "needs gate='keys' or 'entity'")
         if routing == "key" and not 1 <= span <= n_keys * n_keys:
             raise FactlabError(f"memory span={span}: must be in [1, {n_keys * n_keys}]")
         self.span = int(span)  # key routing: slots per stored question (answer positions)
@@ -103,6 +112,21 @@ class MemoryModel(FrozenBackbone):
         # the key gate's nearest-key search: exact, or a FAISS index (memory/gate.py)
         self.keygate = KeyGate(d, radius, index=key_index) if gate == "keys" else None
         self.key_layer = min(ints) if ints else len(blocks) - 1
+        self.entgate, self.entity_layer = None, None
+        if gate == "entity":
+            n = len(blocks)
+            self.key_layer = n - 1 if relation_layer is None else int(relation_layer)
+            self.entity_layer = max(0, round(n / 4) - 1) if entity_layer is None \
+                else int(entity_layer)
+            if not 0 <= self.entity_layer <= self.key_layer < n:
+                raise FactlabError(f"memory gate='entity': need 0 <= entity_layer "
+                                   f"({self.entity_layer}) <= relation_layer "
+                                   f"({self.key_layer}) < {n}")
+            if any(x <= self.key_layer for x in ints):
+                raise FactlabError(f"memory gate='entity': banks must sit after the relation "
+                                   f"layer {self.key_layer} (layers {layers}; 'head' is)")
+            self.entgate = EntityGate(d)
+        self._ent = None  # entity gate: running best entity score / key per relation
         self._call: dict = {}  # per forward: fresh sequence?, attention mask
         self._open = None  # (B, T) bool: where the key gate lets the banks act
         self._carry = None  # (B,) bool: each row's gate at its last position
@@ -125,8 +149,10 @@ class MemoryModel(FrozenBackbone):
                     functools.partial(self._head_in, i)))
             else:
                 self.add_hook(blocks[li], functools.partial(self._add, i))
-        if self.keygate is not None and self.key_layer not in ints:
+        if self._gated and self.key_layer not in ints:
             self.add_hook(blocks[self.key_layer], self._key_state)
+        if self.entgate is not None and self.entity_layer != self.key_layer:
+            self.add_hook(blocks[self.entity_layer], self._entity_state)
         self._hooks.append(backbone.register_forward_pre_hook(self._pre, with_kwargs=True))
 
     def _pre(self, module, args, kwargs):
@@ -144,17 +170,50 @@ class MemoryModel(FrozenBackbone):
             fresh = int(cp.reshape(-1)[0]) == 0
         else:
             fresh = kwargs.get("past_key_values") is None
-        self._call = {"fresh": fresh, "mask": kwargs.get("attention_mask")}
+        self._call = {"fresh": fresh, "mask": kwargs.get("attention_mask"),
+                      "ids": kwargs.get("input_ids")}
         return None
+
+    def _pad(self, h):
+        """(B, T) bool: the padding positions of this call (none if no mask)."""
+        mask = self._call.get("mask")
+        if mask is not None and mask.shape[-1] >= h.shape[1]:
+            return mask[:, -h.shape[1]:] == 0
+        return torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device)
+
+    def _entity_state(self, module, args, output):
+        """The entity layer's output: the running best entity score and key of every
+        position, per relation (a fresh forward only: generation steps open nothing)."""
+        h = output[0] if isinstance(output, tuple) else output
+        if not self._call.get("fresh", True):
+            self._ent = None
+            return None
+        best, arg = self.entgate.entity_scores(h)
+        best = best.masked_fill(self._pad(h)[..., None], -1.0)  # padding never matches
+        self._ent = running_best(best, arg)
+        return None
+
+    def _hits(self, h):
+        """(B, T) bool where a gate matches, and the stored key it matches there."""
+        fresh = self._call.get("fresh", True)
+        if self.entgate is not None:
+            if not fresh or self._ent is None or not len(self.entgate):
+                return (torch.zeros(h.shape[:2], dtype=torch.bool, device=h.device),
+                        torch.full(h.shape[:2], -1, dtype=torch.long, device=h.device))
+            hit, kid = self.entgate.decide(*self._ent, self.entgate.relation_logits(h))
+            ids = self._call.get("ids")
+            if ids is None or ids.shape[1] != h.shape[1]:
+                raise FactlabError("memory gate='entity' reads the input ids (where an answer "
+                                   "begins): call the model with input_ids")
+            return hit & ~self._pad(h) & self.entgate.at_suffix(ids), kid
+        s, kid = self.keygate.match(h, index=True)
+        s = s.masked_fill(self._pad(h), -1.0)  # padding never matches
+        return s >= self.keygate.radius, kid
 
     def _gate_open(self, h) -> torch.Tensor:
         """(B, T) bool: open from the first position matching a stored key on."""
-        s, kid = self.keygate.match(h, index=True)
-        mask = self._call.get("mask")
+        hit, kid = self._hits(h)
         fresh = self._call.get("fresh", True)
-        if mask is not None and mask.shape[-1] >= h.shape[1]:  # padding never matches
-            s = s.masked_fill(mask[:, -h.shape[1]:] == 0, -1.0)
-        hit = s >= self.keygate.radius
         B = h.shape[0]
         if fresh:
             carry = torch.zeros(B, dtype=torch.bool, device=h.device)
@@ -193,7 +252,8 @@ class MemoryModel(FrozenBackbone):
         if self.query != "state+question":
             return h
         q = self._qstate
-        if self.keygate.fitted:  # centred and whitened by the stored questions' statistics
+        if self.keygate is not None and self.keygate.fitted:  # centred, whitened by the
+            # stored questions' statistics
             q = (q.float() - self.keygate.mean) @ self.keygate.whiten
             q = q * (self._qstate.abs().sum(-1, keepdim=True) > 0)  # closed rows stay zero
         return torch.cat([h, q[:, None].expand(-1, h.shape[1], -1).to(h.dtype)], -1)
@@ -205,12 +265,14 @@ class MemoryModel(FrozenBackbone):
         if self._capture is not None:
             self._capture.append(h.detach())
             raise _Captured  # the rest of the forward is not needed
+        if self.entgate is not None and self.entity_layer == self.key_layer:
+            self._entity_state(module, args, output)
         self._open = self._gate_open(h)
         return None
 
     def _add(self, i, module, args, output):
         h = output[0] if isinstance(output, tuple) else output
-        if self.keygate is not None and self.layers[i] == self.key_layer:
+        if self._gated and self.layers[i] == self.key_layer:
             self._key_state(module, args, output)
         h2 = self._with_bank(i, h)
         if h2 is None:
@@ -229,7 +291,7 @@ class MemoryModel(FrozenBackbone):
         """``h`` plus bank ``i``'s output (None: unchanged)."""
         bank = self.banks[i]
         open_ = None
-        if self.keygate is not None:
+        if self._gated:
             open_ = self._open[:, -h.shape[1]:]  # the head may see the last positions only
         if self.kw["routing"] == "key":
             return self._with_key_slots(i, h)
@@ -347,6 +409,80 @@ class MemoryModel(FrozenBackbone):
             raise FactlabError("question_scores: this memory model has no key gate")
         return self.keygate.match(self._question_states(enc)).cpu().numpy()
 
+    # --------------------------------------------------------------- the entity gate
+    def layer_states(self, prompts, picks: dict, batch_size: int = 64) -> dict:
+        """The backbone's own states (no bank acts) at chosen positions of ``prompts``
+        (token arrays): ``picks[layer][q]`` the positions of prompt q to read at the output
+        of decoder layer ``layer`` (None: every position). Returns {layer: (n, d) fp32},
+        rows in prompt order, then position order."""
+        blocks = decoder_layers(self.backbone)
+        layers = sorted(picks)
+        out: dict = {k: [] for k in layers}
+        for s in range(0, len(prompts), batch_size):
+            idx = range(s, min(len(prompts), s + batch_size))
+            L = max(len(prompts[q]) for q in idx)
+            x = torch.zeros(len(idx), L, dtype=torch.long)
+            am = torch.zeros(len(idx), L, dtype=torch.long)
+            for r, q in enumerate(idx):  # right-padded: causal, pads after
+                x[r, :len(prompts[q])] = torch.as_tensor(np.asarray(prompts[q], np.int64))
+                am[r, :len(prompts[q])] = 1
+            got: dict = {}
+
+            def grab(layer, mod, args, output):
+                got[layer] = (output[0] if isinstance(output, tuple) else output).detach()
+                if layer == layers[-1]:
+                    raise _Captured  # the rest of the forward is not needed
+
+            hs = [blocks[k].register_forward_hook(functools.partial(grab, k)) for k in layers]
+            try:
+                with torch.no_grad():
+                    self.backbone(input_ids=x.to(self.device), attention_mask=am.to(self.device))
+            except _Captured:
+                pass
+            finally:
+                for hk in hs:
+                    hk.remove()
+            for k in layers:
+                for r, q in enumerate(idx):
+                    p = picks[k][q]
+                    pos = torch.arange(len(prompts[q])) if p is None else \
+                        torch.as_tensor(np.asarray(p, np.int64))
+                    out[k].append(got[k][r, pos.to(got[k].device)].float().cpu())
+        d = self.config.hidden_size
+        return {k: torch.cat(v) if v else torch.zeros(0, d) for k, v in out.items()}
+
+    def entity_scores(self, prompts, batch_size: int = 64) -> np.ndarray:
+        """Per prompt: the entity gate's best entity-key cosine over its positions and
+        relations (how surely it names a stored entity: the abstention score)."""
+        h = self.layer_states(prompts, {self.entity_layer: [None] * len(prompts)}, batch_size)
+        best, _ = self.entgate.entity_scores(h[self.entity_layer])
+        lens = np.fromiter((len(p) for p in prompts), np.int64, len(prompts))
+        per = best.max(-1).values.numpy()
+        return np.array([per[a:b].max() for a, b in
+                         zip(np.r_[0, np.cumsum(lens)[:-1]], np.cumsum(lens))])
+
+    @torch.no_grad()
+    def openings(self, prompts, batch_size: int = 64):
+        """Where the gate opens on each prompt (the first open position, -1: shut) and the
+        stored key it reads there (-1: none)."""
+        if not self._gated or self.kw["routing"] != "key":
+            raise FactlabError("openings: a memory model with key routing and a gate")
+        pos, kid = [], []
+        for s in range(0, len(prompts), batch_size):
+            idx = range(s, min(len(prompts), s + batch_size))
+            L = max(len(prompts[q]) for q in idx)
+            x = torch.zeros(len(idx), L, dtype=torch.long)
+            am = torch.zeros(len(idx), L, dtype=torch.long)
+            for r, q in enumerate(idx):
+                x[r, :len(prompts[q])] = torch.as_tensor(np.asarray(prompts[q], np.int64))
+                am[r, :len(prompts[q])] = 1
+            self.forward(input_ids=x.to(self.device), attention_mask=am.to(self.device))
+            o = self._open & am.bool().to(self._open.device)
+            first = o.int().argmax(1)
+            pos += torch.where(o.any(1), first, -1).tolist()
+            kid += torch.where(o.any(1), self._kid, -1).tolist()
+        return np.array(pos, np.int64), np.array(kid, np.int64)
+
     @property
     def radius(self) -> float | None:
         return None if self.keygate is None else self.keygate.radius
@@ -404,4 +540,6 @@ class MemoryModel(FrozenBackbone):
                 "radius": self.radius if self.keygate is not None else 0.98,
                 "query": self.query, "span": self.span, "prompt_format": self.prompt_format,
                 "key_index": self.keygate.search if self.keygate is not None else "exact",
+                "entity_layer": self.entity_layer, "relation_layer":
+                    self.key_layer if self.entgate is not None else None,
                 **self.kw}

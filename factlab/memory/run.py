@@ -74,7 +74,21 @@ class MemorySettings(Strict):
                              "(None: the longest answer + 4)")
     pin_steps: int | None = Field(None, ge=0, description="router steps before pinning "
                                   "(None: 200, or 0 with sequential writes)")
-    gate: Literal["keys", "learned", "none"] = "keys"
+    # keys: open on a stored question as stored (a codebook of question states); entity:
+    # open where a stored entity is named and a stored relation asked, however phrased
+    # (memory/entity.py; needs routing=key)
+    gate: Literal["keys", "entity", "learned", "none"] = "keys"
+    entity_layer: int | None = Field(None, ge=0, description="gate=entity: the layer whose "
+                                     "state at the name keys the entity (None: 1/4 of depth)")
+    relation_layer: int | None = Field(None, ge=0, description="gate=entity: the relation "
+                                       "test's layer (None: the deepest)")
+    entity_margin: float = Field(0.0, ge=0, le=1, description="gate=entity: the radius this "
+                                 "far from the best validation negative towards 1")
+    relation_margin: float = Field(0.0, ge=0, le=1, description="gate=entity: each relation "
+                                   "threshold this far from its highest negative towards "
+                                   "its lowest positive")
+    relation_names: int = Field(100, ge=0, description="gate=entity: other names asked the "
+                                "stored and other relations to fit the relation test on")
     radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
     radius_margin: float = Field(0.5, gt=0, le=1)
     # the key gate's nearest-key search: exact (every key), or FAISS (faiss-cpu, optional
@@ -192,7 +206,85 @@ def general_locality_sets(facts, names: list[str], seed: int, cap: int) -> dict:
     from factlab.evaluate.general import general_knowledge
 
     return {"general": general_knowledge(cap),
-            "never_stored": _never_stored(None, facts, names, seed, cap)}
+            "never_stored": _never_stored(None, facts, names, seed, cap),
+            **({"stored_entities": o} if len(o := _other_attributes(facts, names, cap)) else {})}
+
+
+def _canonical_questions(corpus) -> dict[str, str]:
+    """{attribute: its canonical question with ``{name}``}: the world's own, or without a
+    world the shipped bioS ones."""
+    if corpus is None:
+        from factlab.text.templates import bios_templates
+
+        return {a.replace("_", " "): q for a, q in bios_templates().question.items()}
+    qa, people, out = corpus.qa(), corpus.people.names, {}
+    for i in range(len(qa)):
+        a = qa.attributes[int(qa.attribute[i])].replace("_", " ")
+        src = people[int(qa.person[i])]
+        if a not in out and src in qa.question[i]:
+            out[a] = qa.question[i].replace(src, "{name}")
+    return out
+
+
+def _other_attributes(facts, names: list[str], cap: int, corpus=None):
+    """Without a world: the shipped canonical questions of attributes other than the
+    stored ones, asked about the stored entities (they must keep the backbone's answers)."""
+    from factlab.text.qa import QA
+
+    stored = {a.replace("_", " ") for a in facts.attributes}
+    others = [q for a, q in _canonical_questions(corpus).items() if a not in stored]
+    subjects = sorted({int(p) for p in facts.person})
+    n = min(cap, len(others) * len(subjects))
+    q = [others[(i + i // len(subjects)) % len(others)].replace(
+        "{name}", names[subjects[i % len(subjects)]]) for i in range(n)]
+    return QA(person=np.arange(n, dtype=np.int32), attribute=np.zeros(n, np.int16),
+              template=np.zeros(n, np.int16), question=q, answer=["-"] * n,
+              attributes=("other attribute",), heldout=False)
+
+
+def entity_fit_sets(corpus, facts, names: list[str], halves: dict, cfg) -> dict:
+    """What the entity gate is fitted and thresholded on (``memory.entity.write_entity_gate``),
+    never a locality test half: ``relation_names`` fresh names (none stored, none in the
+    never-stored set) asked the stored relations (positive) and the other canonical
+    relations (negative), the general and stored-entity validation halves (negative); the
+    entity radius from the never-stored, general and own validation halves."""
+    from factlab.memory.facts import fresh_names
+    from factlab.text.qa import QA
+
+    world = corpus.world if corpus is not None else None
+    cap = cfg.locality_per_set
+    never = fresh_names(world, min(cap, 4 * len(names) + 8), cfg.seed + 1, exclude=names)
+    t = fresh_names(world, cfg.relation_names, cfg.seed + 2, exclude=list(names) + never) \
+        if cfg.relation_names else []
+    templates: dict[int, str] = {}
+    for i in range(len(facts)):
+        a, nm = int(facts.attribute[i]), names[int(facts.person[i])]
+        if a not in templates and nm in facts.question[i]:
+            templates[a] = facts.question[i].replace(nm, "{name}")
+    pos_q, pos_a, pos_p = [], [], []
+    for j, nm in enumerate(t):
+        for a, tm in templates.items():
+            pos_q.append(tm.replace("{name}", nm))
+            pos_a.append(a)
+            pos_p.append(j)
+    stored = {facts.attributes[a].replace("_", " ") for a in templates} | set(templates.values())
+    others = [q for a, q in _canonical_questions(corpus).items()
+              if a not in stored and q not in stored]
+    neg_q = [q.replace("{name}", nm) for nm in t for q in others]
+
+    def qa(qs, attr=None, person=None):
+        n = len(qs)
+        return QA(person=np.asarray(person if person is not None else np.arange(n), np.int32),
+                  attribute=np.asarray(attr if attr is not None else np.zeros(n), np.int16),
+                  template=np.zeros(n, np.int16), question=list(qs), answer=["-"] * n,
+                  attributes=facts.attributes, heldout=False)
+
+    fit_negative = [qa(neg_q)] if neg_q else []
+    fit_negative += [halves[k][0] for k in ("general", "stored_entities") if k in halves]
+    return {"fit_positive": qa(pos_q, pos_a, pos_p) if pos_q else None,
+            "fit_positive_names": t, "fit_negative": fit_negative,
+            "entity_negative": [halves[k][0] for k in ("never_stored", "general", "own")
+                                if k in halves]}
 
 
 def locality_sets(corpus, facts, names: list[str], seed: int, cap: int) -> dict:
@@ -548,12 +640,18 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         q = int(np.argmax(enc.lengths))
         raise FactlabError(f"memory tune: fact {q} ({facts.question[q]!r}) is {longest} tokens "
                            f"with its answer, longer than the model's context ({ctx})")
-    n_banks = len(cfg.layers) if cfg.layers else 1 if cfg.gate == "keys" else \
+    if cfg.gate == "entity" and cfg.routing != "key":
+        raise FactlabError("memory tune: gate=entity reads the matched fact's own rows: it "
+                           "needs routing=key")
+    if cfg.gate == "entity" and seq:
+        raise FactlabError("memory tune: gate=entity writes every fact at once (writes=1); "
+                           "sequential writes use gate=keys")
+    n_banks = len(cfg.layers) if cfg.layers else 1 if cfg.gate in ("keys", "entity") else \
         len(default_layers(len(decoder_layers(backbone))))
     span = cfg.span or int((enc.lengths - enc.answer_start).max()) + 4
     if cfg.routing == "key":
-        if cfg.gate != "keys":
-            raise FactlabError("memory tune: routing=key needs gate=keys")
+        if cfg.gate not in ("keys", "entity"):
+            raise FactlabError("memory tune: routing=key needs gate=keys or gate=entity")
         if len(facts) * span > cfg.n_keys ** 2:
             raise FactlabError(f"memory tune: routing=key: {len(facts):,} facts x span {span} "
                                f"rows need more than the bank's {cfg.n_keys ** 2:,} slots "
@@ -585,8 +683,16 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                     gate=None if cfg.gate == "none" else cfg.gate, seed=cfg.seed,
                     experts=cfg.experts,
                     radius=cfg.radius or 0.98, backbone_path=str(model_path), span=span,
-                    prompt_format=cfg.prompt_format, key_index=cfg.key_index)
+                    prompt_format=cfg.prompt_format, key_index=cfg.key_index,
+                    entity_layer=cfg.entity_layer, relation_layer=cfg.relation_layer)
     writes, val_states = None, None
+    if m.entgate is not None:
+        from factlab.memory.entity import write_entity_gate
+
+        fit = entity_fit_sets(corpus, facts, names, halves, cfg)
+        res["entity_gate"] = write_entity_gate(
+            m, tok, facts, names, **fit, prompt_format=cfg.prompt_format,
+            entity_margin=cfg.entity_margin, relation_margin=cfg.relation_margin)
     if m.keygate is not None and not seq:
         m.write_keys(enc)
         if cfg.radius is None and halves:
@@ -643,7 +749,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     # ---- after: generation first, teacher-forced beside
     t0 = time.perf_counter()
     m.eval()
-    para = paraphrases(corpus, facts, names)[0]
+    para, idx_para = paraphrases(corpus, facts, names)
     after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
     recs = after.pop("_records")
     correct = np.array([r["correct"] for r in recs])
@@ -663,7 +769,22 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         if m.keygate is not None:
             row["gate_open"] = float((m.question_scores(encode_qa(tok, para, cfg.prompt_format))
                                       >= m.radius).mean())
+        if m.entgate is not None:
+            pe = encode_qa(tok, para, cfg.prompt_format)
+            at, kid = m.openings([pe.example(q)[:int(pe.answer_start[q])] for q in range(len(pe))])
+            row["gate_open"] = float((at >= 0).mean())
+            row["gate_open_own_fact"] = float((kid == idx_para).mean())
         res["generalization"] = row
+    if m.entgate is not None:
+        def ent(e):
+            return m.entity_scores([e.example(q)[:int(e.answer_start[q])] for q in range(len(e))])
+
+        pos = ent(enc)
+        neg = np.concatenate([ent(encode_qa(tok, te, cfg.prompt_format))
+                              for k, (_, te) in halves.items() if k != "stored_entities"])
+        res["abstention"] = {"score": "best entity-key cosine over the question (entity gate)",
+                             "auroc_stored_vs_never_stored": M.auroc(pos, neg),
+                             "stored_min": float(pos.min()), "never_stored_max": float(neg.max())}
     if m.keygate is not None:
         pos = m.question_scores(enc)
         neg = np.concatenate([m.question_scores(encode_qa(tok, te, cfg.prompt_format))
@@ -745,6 +866,10 @@ def report(res: dict) -> str:
              f"routing {s['routing']}, gate {s['gate']}"
              + (f" (radius {res['radius']:.4f}, chosen on validation prompts)"
                 if "radius" in res else "")
+             + (f" (entity radius {res['entity_gate']['radius']:.4f} at layer "
+                f"{s['entity_layer'] if s['entity_layer'] is not None else 'default'}, relation "
+                f"thresholds {', '.join(f'{x:.2f}' for x in res['entity_gate']['relation_thresholds'])}"
+                f", chosen on validation prompts)" if "entity_gate" in res else "")
              + f"; values + optimizer state {res['bank_bytes']['total'] / 2**20:.1f} MiB.", "",
              "| measure | value |", "|---|---|",
              f"| reliability (greedy exact match, after all writes) | {_pct(r['generation_exact_match'])} |",
@@ -766,7 +891,10 @@ def report(res: dict) -> str:
                      f"match (backbone alone) | {_pct(g['generation_exact_match'])} "
                      f"({_pct(g['backbone'])}) |")
         if "gate_open" in g:
-            lines.append(f"| paraphrases the key gate opens on | {_pct(g['gate_open'])} |")
+            lines.append(f"| paraphrases the gate opens on | {_pct(g['gate_open'])} |")
+        if "gate_open_own_fact" in g:
+            lines.append(f"| paraphrases the gate opens on with their own fact's key | "
+                         f"{_pct(g['gate_open_own_fact'])} |")
     for k, row in res.get("locality", {}).items():
         lines.append(f"| locality, {k.replace('_', ' ')} ({row['prompts']} test prompts): "
                      f"answers unchanged | {_pct(row['unchanged'])} |")
@@ -782,7 +910,8 @@ def report(res: dict) -> str:
                          f" | {_pct(hb['answered'])} / {_pct(hb['stored_value'])} → "
                          f"{_pct(ha['answered'])} / {_pct(ha['stored_value'])} |")
     if "abstention" in res:
-        lines.append(f"| abstention AUROC, stored vs never stored (key-gate score) | "
+        lines.append(f"| abstention AUROC, stored vs never stored "
+                     f"({'entity score' if 'entity_gate' in res else 'key-gate score'}) | "
                      f"{res['abstention']['auroc_stored_vs_never_stored']:.4f} |")
     ss = res.get("slot_sharing", {})
     if "slots_used" in ss:

@@ -149,6 +149,11 @@ class MemoryTuning(Plugin):
                                    "driver (one experience per write)")
             self._activate(int(loop.experience))
             enc = self.facts.take(self.writes[self.write - 1])
+        eg = getattr(loop.model, "entgate", None)
+        if eg is not None and len(eg) != len(enc):
+            raise FactlabError(f"memory tuning: the entity gate holds {len(eg)} keys for "
+                               f"{len(enc)} facts; write them first (memory.entity."
+                               f"write_entity_gate), one write of every fact")
         if loop.model.keygate is not None:  # deterministic: a resumed run writes the same
             loop.model.write_keys(enc)
             if self.radius_from is not None:  # against the keys stored so far
