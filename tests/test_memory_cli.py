@@ -153,6 +153,7 @@ def test_the_entity_gate_end_to_end(tiny, capsys):
     assert set(res["locality"]) == {"own", "never_stored", "stored_entities"}
     assert min(v["unchanged"] for v in res["locality"].values()) >= 0.95
     assert 0 <= res["generalization"]["gate_open"] <= 1
+    assert 0 <= res["abstention"]["auroc_paraphrase_vs_never_stored"] <= 1
     assert "entity radius" in (out / "report.md").read_text()
     fact = json.loads((out / "predictions_facts.jsonl").read_text().splitlines()[0])
     capsys.readouterr()

@@ -9,8 +9,8 @@ paraphrases open). The entity gate splits the decision in two, the way the probe
 ``docs/memory.md`` ("Entity, then relation") measured it:
 
 1. **Entity.** Each fact's key is the backbone's state at the last token of its subject's
-   name in the stored question, at an early-middle layer (``entity_layer``; by default a
-   quarter of the depth, where the name's state still identifies the person: later it
+   name in the stored question, at an early-middle layer (``entity_layer``; by default 0.3 of
+   the depth, where the name's state still identifies the person: later it
    does not), centred by the stored keys' mean. A query's entity score for relation r at
    position t is the best cosine of any of its positions <= t with any key of relation r.
 2. **Relation.** At the deepest layer (``relation_layer``), a logistic-regression test per
@@ -249,7 +249,8 @@ def _prompts(enc):
 
 def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_names=(),
                       fit_negative=(), entity_negative=(), prompt_format: str = "plain",
-                      entity_margin: float = 0.0, relation_margin: float = 0.0) -> dict:
+                      entity_margin: float = 0.0, relation_margin: float = 0.0,
+                      entity_quantile: float = 1.0) -> dict:
     """Write ``facts`` (a ``QA``; ``names[facts.person[i]]`` the subject of fact i) into
     the entity gate of ``m`` (``MemoryModel(gate="entity")``), fit its relation tests and
     set its thresholds:
@@ -260,7 +261,8 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
       indexes ``facts.attributes``), at the prompt's last token; negative = every QA of
       ``fit_negative`` (other relations, general questions) at its last token;
     - thresholds, on validation prompts only: the entity radius just above the best entity
-      score of any ``entity_negative`` prompt (never-stored names, general questions), the
+      score of any ``entity_negative`` prompt (never-stored names, general questions; with
+      ``entity_quantile`` < 1, above that quantile of them instead), the
       relation thresholds just above the relation test's negatives.
 
     Then every stored question must open the gate at its prompt's last token with its own
@@ -348,7 +350,11 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
     if not neg_prompts:
         raise FactlabError("gate=entity: no validation prompts to set the entity radius on")
     ent_neg = m.entity_scores(neg_prompts)
-    radius = min(threshold_above(ent_neg, None, entity_margin), 1.0 - 1e-5)
+    if not 0 < entity_quantile <= 1:
+        raise FactlabError(f"gate=entity: entity_quantile must be in (0, 1], got "
+                           f"{entity_quantile}")
+    top = [float(np.quantile(ent_neg, entity_quantile))] if entity_quantile < 1 else ent_neg
+    radius = min(threshold_above(top, None, entity_margin), 1.0 - 1e-5)
     m.entgate.set_thresholds(radius, thr)
     # --- every stored question opens at its last token, on its own key
     at, kid = m.openings(prompts)

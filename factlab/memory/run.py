@@ -79,7 +79,7 @@ class MemorySettings(Strict):
     # (memory/entity.py; needs routing=key)
     gate: Literal["keys", "entity", "learned", "none"] = "keys"
     entity_layer: int | None = Field(None, ge=0, description="gate=entity: the layer whose "
-                                     "state at the name keys the entity (None: 1/4 of depth)")
+                                     "state at the name keys the entity (None: 0.3 of depth)")
     relation_layer: int | None = Field(None, ge=0, description="gate=entity: the relation "
                                        "test's layer (None: the deepest)")
     entity_margin: float = Field(0.0, ge=0, le=1, description="gate=entity: the radius this "
@@ -87,6 +87,9 @@ class MemorySettings(Strict):
     relation_margin: float = Field(0.0, ge=0, le=1, description="gate=entity: each relation "
                                    "threshold this far from its highest negative towards "
                                    "its lowest positive")
+    entity_quantile: float = Field(1.0, gt=0, le=1, description="gate=entity: the radius "
+                                   "above this quantile of the validation negatives' entity "
+                                   "scores (1: above all of them)")
     relation_names: int = Field(100, ge=0, description="gate=entity: other names asked the "
                                 "stored and other relations to fit the relation test on")
     radius: float | None = None  # None: chosen on the validation prompts (else 0.98)
@@ -692,7 +695,8 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         fit = entity_fit_sets(corpus, facts, names, halves, cfg)
         res["entity_gate"] = write_entity_gate(
             m, tok, facts, names, **fit, prompt_format=cfg.prompt_format,
-            entity_margin=cfg.entity_margin, relation_margin=cfg.relation_margin)
+            entity_margin=cfg.entity_margin, relation_margin=cfg.relation_margin,
+            entity_quantile=cfg.entity_quantile)
     if m.keygate is not None and not seq:
         m.write_keys(enc)
         if cfg.radius is None and halves:
@@ -785,6 +789,9 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         res["abstention"] = {"score": "best entity-key cosine over the question (entity gate)",
                              "auroc_stored_vs_never_stored": M.auroc(pos, neg),
                              "stored_min": float(pos.min()), "never_stored_max": float(neg.max())}
+        if para is not None:  # asked as stored a question scores 1; a paraphrase does not
+            res["abstention"]["auroc_paraphrase_vs_never_stored"] = M.auroc(
+                ent(encode_qa(tok, para, cfg.prompt_format)), neg)
     if m.keygate is not None:
         pos = m.question_scores(enc)
         neg = np.concatenate([m.question_scores(encode_qa(tok, te, cfg.prompt_format))
@@ -913,6 +920,10 @@ def report(res: dict) -> str:
         lines.append(f"| abstention AUROC, stored vs never stored "
                      f"({'entity score' if 'entity_gate' in res else 'key-gate score'}) | "
                      f"{res['abstention']['auroc_stored_vs_never_stored']:.4f} |")
+        if "auroc_paraphrase_vs_never_stored" in res["abstention"]:
+            lines.append(f"| abstention AUROC, paraphrases of stored questions vs never stored "
+                         f"(entity score) | "
+                         f"{res['abstention']['auroc_paraphrase_vs_never_stored']:.4f} |")
     ss = res.get("slot_sharing", {})
     if "slots_used" in ss:
         lines.append(f"| slots used / facts per slot (mean, max) / facts sharing a slot | "
