@@ -434,6 +434,18 @@ def test_without_replay_a_write_trains_its_own_facts_only(setting, tmp_path):
         MemoryTuning(s["enc"].take(np.arange(4)), 64, 1, writes=[[0, 1], [1, 2, 3]])
 
 
+def cached_equals_uncached(m, prompt, steps: int = 6):
+    """Greedy generation with the KV cache gives the tokens of uncached decoding (the
+    gate's state carries over from the prompt's forward)."""
+    x = torch.from_numpy(np.asarray(prompt, np.int64))[None]
+    g = m.generate(input_ids=x, max_new_tokens=steps, do_sample=False, use_cache=True,
+                   pad_token_id=1)
+    ids = x
+    for _ in range(steps):
+        ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+
+
 def test_key_routing_gives_each_stored_question_its_own_rows(setting):
     s = setting
     m = MemoryModel(s["backbone"], n_keys=8, heads=2, topk=4, key_dim=8, gate="keys",
@@ -453,13 +465,7 @@ def test_key_routing_gives_each_stored_question_its_own_rows(setting):
         assert (m.routes(y)[0] == -1).all()  # not stored: no row, the backbone's output
         assert torch.equal(m(input_ids=y).logits, s["backbone"](input_ids=y).logits)
     # cached generation reads the same rows as uncached decoding
-    x = torch.from_numpy(stored.example(1)[:int(stored.answer_start[1])].astype(np.int64))[None]
-    g = m.generate(input_ids=x, max_new_tokens=6, do_sample=False, use_cache=True,
-                   pad_token_id=1)
-    ids = x
-    for _ in range(6):
-        ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+    cached_equals_uncached(m, stored.example(1)[:int(stored.answer_start[1])])
     with pytest.raises(FactlabError, match="bank full"):  # 64 slots hold 5 spans of 12
         m.write_keys(s["enc"].take(np.arange(4, 6)))
     with pytest.raises(FactlabError, match="needs gate='keys'"):
@@ -628,13 +634,7 @@ def test_entity_gate_reads_the_named_facts_rows_and_leaves_the_rest_exact(settin
             assert torch.equal(m(input_ids=y).logits, bb(input_ids=y).logits)
     assert shut >= 54  # of 60 (a tiny backbone: names of a 20 x 20 grid share parts)
     # cached generation opens where uncached decoding does and reads the same rows
-    x0 = torch.from_numpy(prompts[1].astype(np.int64))[None]
-    g = m.generate(input_ids=x0, max_new_tokens=6, do_sample=False, use_cache=True,
-                   pad_token_id=1)
-    ids = x0
-    for _ in range(6):
-        ids = torch.cat([ids, m(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(g[:, :ids.shape[1]], ids[:, :g.shape[1]])
+    cached_equals_uncached(m, prompts[1])
     # tuned on the one loop: every fact recalled; the gate travels with the saved model
     m.zero_bank()
     plug = MemoryTuning(enc, 64, 1, value_lr=2.0, pin_steps=0)
