@@ -606,7 +606,7 @@ def memory_ask(
 ) -> None:
     """Answer QUESTION with a memory model (greedy), with the bank's confidence."""
     from factlab.evaluate.generate import generate
-    from factlab.memory.model import MemoryModel
+    from factlab.memory.model import MemoryModel, prompt_tokens
     from factlab.model.load import load_any
     from factlab.text.qa import QA
     from factlab.tokens.encode import encode_qa
@@ -648,8 +648,7 @@ def memory_ask(
         qa = QA(person=np.zeros(1, np.int32), attribute=np.zeros(1, np.int16),
                 template=np.zeros(1, np.int16), question=[question], answer=["?"],
                 attributes=("?",), heldout=False)
-        e = encode_qa(tok, qa, fmt)
-        at, kid = m.openings([e.example(0)[:int(e.answer_start[0])]])
+        at, kid = m.openings(prompt_tokens(encode_qa(tok, qa, fmt)))
         held = bool(at[0] >= 0)
         if abstain and not held:
             line = "unknown"

@@ -587,6 +587,7 @@ def test_entity_gate_opens_on_a_stored_entity_asked_a_stored_relation_only():
 def test_entity_gate_reads_the_named_facts_rows_and_leaves_the_rest_exact(setting):
     from factlab.evaluate.generate import evaluate_qa
     from factlab.memory.entity import subject_end_tokens, write_entity_gate
+    from factlab.memory.model import prompt_tokens
     from factlab.tokens.encode import encode_qa
     from factlab.tokens.streams import QAStream
     from factlab.train import Loop, TrainConfig
@@ -607,14 +608,19 @@ def test_entity_gate_reads_the_named_facts_rows_and_leaves_the_rest_exact(settin
     fit_pos = QA(kn.names[80:120], ["-"] * 40)
     other_rel = QA(kn.names[:40], ["-"] * 40, question="What is the birth city of {}?")
     info = write_entity_gate(m, tok, facts, facts.names, fit_positive=fit_pos,
-                             fit_positive_names=fit_pos.names, fit_negative=[other_rel],
+                             fit_negative=[other_rel],
                              entity_negative=[QA(kn.names[40:80], kn.answer[40:80])])
     assert info["relations"] == ["code"] and 0 < info["radius"] < 1
     with pytest.raises(FactlabError, match="already stored"):
         write_entity_gate(m, tok, facts, facts.names, entity_negative=[other_rel])
-    prompts = [enc.example(q)[:int(enc.answer_start[q])] for q in range(20)]
+    prompts = prompt_tokens(enc)
     at, kid = m.openings(prompts)  # every stored question: at its last token, its own key
     assert at.tolist() == [len(p) - 1 for p in prompts] and kid.tolist() == list(range(20))
+    suffix = m.entgate.suffix.clone()  # it decides only after the end-of-question marker
+    assert suffix.tolist() == tok("\nAnswer:", add_special_tokens=False)["input_ids"][-len(suffix):]
+    m.entgate.suffix = torch.tensor([399])  # a token no prompt has: nothing opens
+    assert (m.openings(prompts)[0] == -1).all()
+    m.entgate.suffix = suffix
     with torch.no_grad():
         m.banks[0].values.weight.normal_()
     slots = m.routes(x)[0].reshape(-1)  # the fact's own rows, from the question's end on
@@ -626,7 +632,7 @@ def test_entity_gate_reads_the_named_facts_rows_and_leaves_the_rest_exact(settin
     for qa in (QA(kn.names[120:160], kn.answer[120:160]),
                QA(facts.names, ["-"] * 20, question="What is the birth city of {}?")):
         e = encode_qa(tok, qa)
-        ps = [e.example(q)[:int(e.answer_start[q])] for q in range(len(e))]
+        ps = prompt_tokens(e)
         at, _ = m.openings(ps)
         shut += int((at < 0).sum())
         for q in np.flatnonzero(at < 0)[:5]:

@@ -16,8 +16,7 @@ paraphrases open). The entity gate splits the decision in two, the way the probe
 2. **Relation.** At the deepest layer (``relation_layer``), a logistic-regression test per
    stored relation, fitted at write time on the last-token states of the stored questions
    and of the same questions about other names (positive) against other relations asked
-   about the same and other names, general questions and the earlier positions of the
-   positive prompts (negative).
+   about other names and general questions (negative).
 
 The gate decides only where an answer begins: at a position whose last tokens are the
 prompt format's end-of-question marker (``suffix``: ``"\nAnswer:"``, or the chat
@@ -243,11 +242,7 @@ def subject_end_tokens(tokenizer, questions, names, prompt_format: str = "plain"
     return out
 
 
-def _prompts(enc):
-    return [enc.example(q)[:int(enc.answer_start[q])] for q in range(len(enc))]
-
-
-def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_names=(),
+def write_entity_gate(m, tok, facts, names, *, fit_positive=None,
                       fit_negative=(), entity_negative=(), prompt_format: str = "plain",
                       entity_margin: float = 0.0, relation_margin: float = 0.0,
                       entity_quantile: float = 1.0) -> dict:
@@ -257,8 +252,8 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
 
     - entity keys: the states at each fact's name's last token;
     - relation tests: positive = the stored questions and ``fit_positive`` (the stored
-      relations asked about other names, ``fit_positive_names[person]``; its ``attribute``
-      indexes ``facts.attributes``), at the prompt's last token; negative = every QA of
+      relations asked about other names; its ``attribute`` indexes ``facts.attributes``),
+      at the prompt's last token; negative = every QA of
       ``fit_negative`` (other relations, general questions) at its last token;
     - thresholds, on validation prompts only: the entity radius just above the best entity
       score of any ``entity_negative`` prompt (never-stored names, general questions; with
@@ -268,6 +263,7 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
     Then every stored question must open the gate at its prompt's last token with its own
     key (else the bank would never see it): checked, a clear error if not. Returns the
     thresholds and counts for the report."""
+    from factlab.memory.model import prompt_tokens
     from factlab.tokens.encode import encode_qa
 
     if m.entgate is None:
@@ -275,13 +271,16 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
                            "(gate='entity')")
     if len(m.entgate):
         raise FactlabError("write_entity_gate: keys are already stored (one write only)")
+    if not 0 < entity_quantile <= 1:
+        raise FactlabError(f"gate=entity: entity_quantile must be in (0, 1], got "
+                           f"{entity_quantile}")
     present = sorted(set(np.asarray(facts.attribute).tolist()))
     rel_of = {a: r for r, a in enumerate(present)}
     enc = encode_qa(tok, facts, prompt_format)
     if len(enc) * m.span > m.banks[0].slots:
         raise FactlabError(f"memory bank full: {len(enc):,} stored questions x span {m.span} "
                            f"slots need more than the bank's {m.banks[0].slots:,} (raise n_keys)")
-    prompts = _prompts(enc)
+    prompts = prompt_tokens(enc)
     subj = subject_end_tokens(tok, facts.question, [names[int(p)] for p in facts.person],
                               prompt_format)
     if (subj < 0).any():
@@ -296,37 +295,25 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
         raise FactlabError(f"gate=entity: a stored prompt does not end with the "
                            f"{prompt_format} format's end-of-question tokens {suffix}")
     m.entgate.suffix = torch.tensor(suffix, dtype=torch.long, device=m.entgate.keys.device)
-    # --- relation-test data: each prompt's last token (the only place the gate opens)
-    P, picks, labels = [], [], []
-
-    def positive(pr, ends, rels):
-        for p, r in zip(pr, rels):
-            P.append(p)
-            picks.append(np.array([len(p) - 1]))
-            labels.append(np.array([r]))
-
-    positive(prompts, subj, rel)
+    # --- the relation tests, on each prompt's last token (the only place the gate opens):
+    # the stored questions first, then the stored relations about other names, then the
+    # negatives
+    P, Y = list(prompts), list(rel)
     n_fit_pos = 0
     if fit_positive is not None and len(fit_positive):
-        fe = encode_qa(tok, fit_positive, prompt_format)
-        ends = subject_end_tokens(tok, fit_positive.question,
-                                  [fit_positive_names[int(p)] for p in fit_positive.person],
-                                  prompt_format)
-        keep = [i for i in range(len(fe)) if ends[i] >= 0 and
-                int(fit_positive.attribute[i]) in rel_of]
-        fp = _prompts(fe)
-        positive([fp[i] for i in keep], ends[keep],
-                 [rel_of[int(fit_positive.attribute[i])] for i in keep])
+        keep = [i for i in range(len(fit_positive)) if int(fit_positive.attribute[i]) in rel_of]
+        fp = prompt_tokens(encode_qa(tok, fit_positive, prompt_format))
+        P += [fp[i] for i in keep]
+        Y += [rel_of[int(fit_positive.attribute[i])] for i in keep]
         n_fit_pos = len(keep)
     n_neg = 0
     for qa in fit_negative:
-        for p in _prompts(encode_qa(tok, qa, prompt_format)):
-            P.append(p)
-            picks.append(np.array([len(p) - 1]))
-            labels.append(np.array([-1]))
-            n_neg += 1
-    states = m.layer_states(P, {rl: picks})[rl]
-    Y = np.concatenate(labels)
+        neg = prompt_tokens(encode_qa(tok, qa, prompt_format))
+        P += neg
+        Y += [-1] * len(neg)
+        n_neg += len(neg)
+    Y = np.asarray(Y)
+    states = m.layer_states(P, {rl: [[len(p) - 1] for p in P]})[rl]
     m.entgate.fit_relations(states, Y)
     logits = m.entgate.relation_logits(states.to(m.entgate.W.device)).cpu()
     thr, neg_open = [], []
@@ -345,14 +332,11 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
     ek = m.layer_states(prompts, {el: [np.array([int(e)]) for e in subj]})[el]
     m.entgate.add(ek, rel)
     # --- the entity radius: above every validation negative's best score
-    neg_prompts = [p for qa in entity_negative for p in _prompts(encode_qa(tok, qa,
+    neg_prompts = [p for qa in entity_negative for p in prompt_tokens(encode_qa(tok, qa,
                                                                           prompt_format))]
     if not neg_prompts:
         raise FactlabError("gate=entity: no validation prompts to set the entity radius on")
     ent_neg = m.entity_scores(neg_prompts)
-    if not 0 < entity_quantile <= 1:
-        raise FactlabError(f"gate=entity: entity_quantile must be in (0, 1], got "
-                           f"{entity_quantile}")
     top = [float(np.quantile(ent_neg, entity_quantile))] if entity_quantile < 1 else ent_neg
     radius = min(threshold_above(top, None, entity_margin), 1.0 - 1e-5)
     m.entgate.set_thresholds(radius, thr)
@@ -372,5 +356,4 @@ def write_entity_gate(m, tok, facts, names, *, fit_positive=None, fit_positive_n
             "relations": [facts.attributes[a] for a in present],
             "entity_negatives_max": float(ent_neg.max()),
             "relation_fit_negatives_open": neg_open,
-            "fit": {"positives": len(prompts) + n_fit_pos, "negatives": n_neg,
-                    "positions": int(len(Y))}}
+            "fit": {"positives": len(prompts) + n_fit_pos, "negatives": n_neg}}

@@ -40,7 +40,24 @@ def default_layers(n_layers: int) -> list[int]:
 
 
 class _Captured(Exception):
-    """Ends a forward once the key layer's states are read."""
+    """Ends a forward once the wanted layers' states are read."""
+
+
+def prompt_tokens(enc) -> list:
+    """Every encoded question's prompt tokens (before its answer)."""
+    return [enc.example(q)[:int(enc.answer_start[q])] for q in range(len(enc))]
+
+
+def right_padded(prompts, device=None):
+    """Token arrays as one right-padded batch (causal: the pads come after) and its
+    attention mask."""
+    L = max(len(p) for p in prompts)
+    x = torch.zeros(len(prompts), L, dtype=torch.long)
+    am = torch.zeros(len(prompts), L, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        x[r, :len(p)] = torch.as_tensor(np.asarray(p, np.int64))
+        am[r, :len(p)] = 1
+    return x.to(device), am.to(device)
 
 
 class MemoryModel(FrozenBackbone):
@@ -136,7 +153,6 @@ class MemoryModel(FrozenBackbone):
         self._kslot = None  # key routing: (B, T) slot of every position (-1: none)
         self._kid = None  # (B,): the stored question that opened each row's gate
         self._koff = None  # (B,): the offset from it of each row's last position
-        self._capture = None  # list: key-layer states, when recording keys
         self.last_route: dict[int, tuple] = {}
         self.record_routes = False
         dev = next(backbone.parameters()).device
@@ -261,12 +277,9 @@ class MemoryModel(FrozenBackbone):
         return torch.cat([h, q[:, None].expand(-1, h.shape[1], -1).to(h.dtype)], -1)
 
     def _key_state(self, module, args, output):
-        """The key layer's output, where no bank sits: read it (capture, gate), change
+        """The key layer's output, where no bank sits: read it (the gate), change
         nothing."""
         h = output[0] if isinstance(output, tuple) else output
-        if self._capture is not None:
-            self._capture.append(h.detach())
-            raise _Captured  # the rest of the forward is not needed
         if self.entgate is not None and self.entity_layer == self.key_layer:
             self._entity_state(module, args, output)
         self._open = self._gate_open(h)
@@ -339,31 +352,9 @@ class MemoryModel(FrozenBackbone):
     def _question_states(self, enc, batch_size: int = 256) -> torch.Tensor:
         """The key layer's state at the last prompt token of every encoded question
         (the banks closed while it is read), (Q, d)."""
-        out = []
-        self._capture = []
-        try:
-            with torch.no_grad():
-                for s in range(0, len(enc), batch_size):
-                    idx = range(s, min(len(enc), s + batch_size))
-                    prompts = [enc.example(q)[:int(enc.answer_start[q])] for q in idx]
-                    L = max(len(p) for p in prompts)
-                    x = torch.zeros(len(prompts), L, dtype=torch.long)
-                    am = torch.zeros(len(prompts), L, dtype=torch.long)
-                    for r, p in enumerate(prompts):  # right-padded: causal, pads after
-                        x[r, :len(p)] = torch.from_numpy(p.astype("int64"))
-                        am[r, :len(p)] = 1
-                    self._capture = []
-                    try:
-                        self.forward(input_ids=x.to(self.device),
-                                     attention_mask=am.to(self.device))
-                    except _Captured:
-                        pass
-                    h = self._capture[0]
-                    last = torch.tensor([len(p) - 1 for p in prompts], device=h.device)
-                    out.append(h[torch.arange(len(prompts), device=h.device), last].float())
-        finally:
-            self._capture = None
-        return torch.cat(out) if out else torch.zeros(0, self.config.hidden_size)
+        prompts = prompt_tokens(enc)
+        return self.layer_states(prompts, {self.key_layer: [[len(p) - 1] for p in prompts]},
+                                 batch_size)[self.key_layer]
 
     def write_keys(self, enc, only_new: bool = True) -> int:
         """Store the questions of ``enc`` (an ``EncodedQA``) in the key gate; with
@@ -422,12 +413,7 @@ class MemoryModel(FrozenBackbone):
         out: dict = {k: [] for k in layers}
         for s in range(0, len(prompts), batch_size):
             idx = range(s, min(len(prompts), s + batch_size))
-            L = max(len(prompts[q]) for q in idx)
-            x = torch.zeros(len(idx), L, dtype=torch.long)
-            am = torch.zeros(len(idx), L, dtype=torch.long)
-            for r, q in enumerate(idx):  # right-padded: causal, pads after
-                x[r, :len(prompts[q])] = torch.as_tensor(np.asarray(prompts[q], np.int64))
-                am[r, :len(prompts[q])] = 1
+            x, am = right_padded([prompts[q] for q in idx], self.device)
             got: dict = {}
 
             def grab(layer, mod, args, output):
@@ -438,7 +424,7 @@ class MemoryModel(FrozenBackbone):
             hs = [blocks[k].register_forward_hook(functools.partial(grab, k)) for k in layers]
             try:
                 with torch.no_grad():
-                    self.backbone(input_ids=x.to(self.device), attention_mask=am.to(self.device))
+                    self.backbone(input_ids=x, attention_mask=am)
             except _Captured:
                 pass
             finally:
@@ -471,15 +457,9 @@ class MemoryModel(FrozenBackbone):
             raise FactlabError("openings: a memory model with key routing and a gate")
         pos, kid = [], []
         for s in range(0, len(prompts), batch_size):
-            idx = range(s, min(len(prompts), s + batch_size))
-            L = max(len(prompts[q]) for q in idx)
-            x = torch.zeros(len(idx), L, dtype=torch.long)
-            am = torch.zeros(len(idx), L, dtype=torch.long)
-            for r, q in enumerate(idx):
-                x[r, :len(prompts[q])] = torch.as_tensor(np.asarray(prompts[q], np.int64))
-                am[r, :len(prompts[q])] = 1
-            self.forward(input_ids=x.to(self.device), attention_mask=am.to(self.device))
-            o = self._open & am.bool().to(self._open.device)
+            x, am = right_padded(prompts[s:s + batch_size], self.device)
+            self.forward(input_ids=x, attention_mask=am)
+            o = self._open & am.bool()
             first = o.int().argmax(1)
             pos += torch.where(o.any(1), first, -1).tolist()
             kid += torch.where(o.any(1), self._kid, -1).tolist()

@@ -264,28 +264,22 @@ def entity_fit_sets(corpus, facts, names: list[str], halves: dict, cfg) -> dict:
         a, nm = int(facts.attribute[i]), names[int(facts.person[i])]
         if a not in templates and nm in facts.question[i]:
             templates[a] = facts.question[i].replace(nm, "{name}")
-    pos_q, pos_a, pos_p = [], [], []
-    for j, nm in enumerate(t):
-        for a, tm in templates.items():
-            pos_q.append(tm.replace("{name}", nm))
-            pos_a.append(a)
-            pos_p.append(j)
+    pos = [(tm.replace("{name}", nm), a) for nm in t for a, tm in templates.items()]
     stored = {facts.attributes[a].replace("_", " ") for a in templates} | set(templates.values())
     others = [q for a, q in _canonical_questions(corpus).items()
               if a not in stored and q not in stored]
     neg_q = [q.replace("{name}", nm) for nm in t for q in others]
 
-    def qa(qs, attr=None, person=None):
+    def qa(qs, attr=None):
         n = len(qs)
-        return QA(person=np.asarray(person if person is not None else np.arange(n), np.int32),
+        return QA(person=np.arange(n, dtype=np.int32),
                   attribute=np.asarray(attr if attr is not None else np.zeros(n), np.int16),
                   template=np.zeros(n, np.int16), question=list(qs), answer=["-"] * n,
                   attributes=facts.attributes, heldout=False)
 
     fit_negative = [qa(neg_q)] if neg_q else []
     fit_negative += [halves[k][0] for k in ("general", "stored_entities") if k in halves]
-    return {"fit_positive": qa(pos_q, pos_a, pos_p) if pos_q else None,
-            "fit_positive_names": t, "fit_negative": fit_negative,
+    return {"fit_positive": qa(*zip(*pos)) if pos else None, "fit_negative": fit_negative,
             "entity_negative": [halves[k][0] for k in ("never_stored", "general", "own")
                                 if k in halves]}
 
@@ -618,7 +612,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     from factlab.evaluate.score import score_encoded
     from factlab.memory import metrics as M
     from factlab.memory.gate import pick_radius
-    from factlab.memory.model import MemoryModel, decoder_layers, default_layers
+    from factlab.memory.model import MemoryModel, decoder_layers, default_layers, prompt_tokens
     from factlab.memory.tune import MemoryTuning
     from factlab.model.load import load_any
     from factlab.tokens.encode import encode_qa
@@ -775,13 +769,13 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
                                       >= m.radius).mean())
         if m.entgate is not None:
             pe = encode_qa(tok, para, cfg.prompt_format)
-            at, kid = m.openings([pe.example(q)[:int(pe.answer_start[q])] for q in range(len(pe))])
+            at, kid = m.openings(prompt_tokens(pe))
             row["gate_open"] = float((at >= 0).mean())
             row["gate_open_own_fact"] = float((kid == idx_para).mean())
         res["generalization"] = row
     if m.entgate is not None:
         def ent(e):
-            return m.entity_scores([e.example(q)[:int(e.answer_start[q])] for q in range(len(e))])
+            return m.entity_scores(prompt_tokens(e))
 
         pos = ent(enc)
         neg = np.concatenate([ent(encode_qa(tok, te, cfg.prompt_format))
