@@ -28,6 +28,11 @@ def test_auroc_locality_and_hallucination_metrics():
     assert M.reliable_below([0.01, 0.02, 0.5, 0.9], [True, True, False, True]) == 0.5
     assert M.reliable_below([0.5], [False]) is None
     assert M.exact_match([" A", "B"], ["A", "C"]) == 0.5
+    # teacher-forced locality: per prompt the share of positions whose argmax is kept
+    assert M.token_agreement([[1, 2, 3, 4], [5]], [[1, 2, 0, 4], [6]]) == (0.75 + 0.0) / 2
+    assert M.token_agreement([[7, 8]], [[7, 8]]) == 1.0
+    with pytest.raises(ValueError):
+        M.token_agreement([[1, 2]], [[1]])
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +76,14 @@ def test_memory_tune_random_facts_then_ask(tiny, capsys):
         {"own": 1.0, "never_stored": 1.0, "stored_entities": 1.0}
     assert res["locality"]["own"]["ood_after"] == res["locality"]["own"]["ood_before"]
     assert res["abstention"]["auroc_stored_vs_never_stored"] == 1.0
-    assert "reliability (greedy exact match" in (out / "report.md").read_text()
+    # teacher-forced beside: closed, the gate leaves the backbone's logits exact, so every
+    # token of the backbone's own answers is still the argmax
+    assert res["reliability"]["teacher_forced_all_argmax"] == 1.0
+    assert {k: v["unchanged_teacher_forced"] for k, v in res["locality"].items()} == \
+        {"own": 1.0, "never_stored": 1.0, "stored_entities": 1.0}
+    assert res["answer_latency_ms"]["backbone"] > 0 and res["answer_latency_ms"]["memory"] > 0
+    text = (out / "report.md").read_text()
+    assert "reliability (greedy exact match" in text and "teacher-forced: the backbone" in text
     fact = json.loads((out / "predictions_facts.jsonl").read_text().splitlines()[0])
     capsys.readouterr()
     assert cli("memory", "ask", out, fact["question"]) == 0
@@ -104,6 +116,14 @@ def test_sequential_writes_of_world_valued_facts_end_to_end(tiny):
     assert [r["writes"] for r in curve] == [0, 4, 8] and curve[-1]["written"] == 1.0
     assert res["slot_sharing"]["shared_slots"] == 0  # key routing: no row is shared
     assert "generalization" in res and "generalization" in res["baselines"]["full"]
+    full = res["baselines"]["full"]
+    # the finetuned baseline is read teacher-forced too: where a greedy answer changed, a
+    # token of the backbone's answer stopped being the argmax, so the share falls below 1
+    assert 0 <= full["reliability_teacher_forced"] <= 1
+    assert 0 <= full["generalization_teacher_forced"] <= 1
+    changed = [v for v in full["locality"].values() if v["unchanged"] < 1]
+    assert changed and all(v["unchanged_teacher_forced"] < 1 for v in changed)
+    assert 0 <= res["generalization"]["teacher_forced_all_argmax"] <= 1
     assert res["baselines"]["full"]["steps"] >= 8  # one experience per write
     assert "Sequential writes: 8 writes" in (out / "report.md").read_text()
 
@@ -193,7 +213,28 @@ def test_memory_tune_bad_input(tiny, tmp_path):
                "--out", tmp_path / "h") == 2  # --values goes with --random
     assert cli("memory", "tune", hf, "--random", 4, "--out", tmp_path / "h",
                "--set", "prompt_format=chat") == 2  # the tokenizer has no chat template
-    for d in "abcdefgh":
+    # a family whose decoder layers the bank cannot find (MPT keeps them at
+    # transformer.blocks), and answers longer than the model's context
+    from transformers import MptConfig, MptForCausalLM
+
+    c = load_any(hf).config
+
+    def with_tokenizer(model, d):
+        model.save_pretrained(d)
+        for f in hf.glob("tokenizer*"):
+            (d / f.name).write_bytes(f.read_bytes())
+        return d
+
+    mpt = with_tokenizer(MptForCausalLM(MptConfig(d_model=32, n_heads=2, n_layers=2,
+                                                  vocab_size=c.vocab_size, max_seq_len=128)),
+                         tmp_path / "mpt")
+    assert cli("memory", "tune", mpt, "--random", 4, "--world", w, "--out", tmp_path / "i") == 2
+    short = with_tokenizer(build_model("gpt2-rope", "tiny", c.vocab_size, 16,  # 16 tokens
+                                       bos_id=c.bos_token_id, eos_id=c.eos_token_id,
+                                       pad_id=c.pad_token_id), tmp_path / "short")
+    assert cli("memory", "tune", short, "--random", 4, "--world", w,
+               "--out", tmp_path / "j") == 2  # 32-character answers do not fit 16 tokens
+    for d in "abcdefghij":
         assert not (tmp_path / d).exists() or not any((tmp_path / d).iterdir())
     assert cli("memory", "ask", hf, "What?") == 2  # not a memory model
 

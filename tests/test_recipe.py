@@ -169,3 +169,29 @@ def test_the_report_of_a_user_fact_world_has_no_paper_column(tmp_path):
         assert ("no paper numbers" in text) == (not paper)
         if not paper:
             assert "(paper " not in text
+
+
+def test_the_memory_stage_stores_new_facts_on_the_cells_model(tmp_path):
+    """``memory:`` adds the memory stage after extraction: new facts on the cell's
+    finetuned model, every one recalled, the model's own answers unchanged, a report
+    section; a rerun reads the finished stage instead of tuning again."""
+    mem = ["memory.facts=16", "memory.n_keys=32", "memory.topk=4", "memory.key_dim=16",
+           "memory.locality_per_set=20", "memory.max_exposures=600"]
+    recipe = load_recipe("quickstart", TINY + ["only=multi5+permute", "pretrain.steps=150",
+                                               "finetune.steps=40"]
+                         + mem)
+    assert recipe.cells[0].stage_list() == ["pretrain", "finetune", "extract", "memory"]
+    (r,) = run_recipe(recipe, tmp_path, progress=False)
+    m = r["memory"]
+    assert m["facts"] == 16 and m["recall"] == 1.0 and m["bank_zeroed"] == 0.0
+    assert m["unchanged"] == {"own": 1.0, "never_stored": 1.0, "stored_entities": 1.0}
+    assert m["held_out_after"] == m["held_out_before"]
+    res = json.loads((tmp_path / "multi5+permute/memory/results.json").read_text())
+    assert res["model"].endswith("finetune/model")  # the cell's last trained model
+    assert "## Memory tuning" in (tmp_path / "report.md").read_text()
+    stamp = (tmp_path / "multi5+permute/memory/results.json").stat().st_mtime_ns
+    again = run_recipe(recipe, tmp_path, progress=False)
+    assert again[0]["memory"] == m
+    assert (tmp_path / "multi5+permute/memory/results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(FactlabError, match="memory"):
+        load_recipe("quickstart", TINY + ["memory.bogus=1"])

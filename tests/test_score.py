@@ -123,6 +123,23 @@ def test_nll_equals_per_example_cross_entropy_for_any_batching(trained):
             np.testing.assert_array_equal(s.all_argmax, first.all_argmax)
 
 
+def test_argmax_ids_are_each_answer_positions_argmax_for_any_batching(trained):
+    model, tok, qa, enc, _ = trained
+    want = []
+    with torch.no_grad():
+        for q in range(30):
+            ex, a = torch.from_numpy(enc.example(q).astype(np.int64)), int(enc.answer_start[q])
+            want.append(model(input_ids=ex[None]).logits[0, a - 1:-1].argmax(-1).numpy())
+    assert score_encoded(model, enc.take(np.arange(30))).argmax is None  # only on request
+    for bs in (1, 7, 64):
+        s = score_encoded(model, enc.take(np.arange(30)), batch_size=bs, argmax=True)
+        for q in range(30):
+            np.testing.assert_array_equal(s.argmax[q], want[q])
+            # the flag and the ids tell the same story
+            assert s.all_argmax[q] == (s.argmax[q] == enc.example(q)[int(enc.answer_start[q]):]
+                                       ).all()
+
+
 def test_llama_and_pre_encoded_examples(trained):
     _, tok, qa, enc, _ = trained
     model = tiny(tok, arch="llama", seed=3)

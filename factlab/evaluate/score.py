@@ -48,6 +48,9 @@ class Scores:
     max_nll: np.ndarray  # (N,) float64: NLL of the least likely answer token
     n_tokens: np.ndarray  # (N,) int64: answer tokens scored, EOS included
     all_argmax: np.ndarray  # (N,) bool: every answer token is its position's argmax
+    # with ``score_encoded(..., argmax=True)``: per example, the argmax token id at each
+    # answer position (teacher-forced), for comparing two models token by token
+    argmax: list[np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.nll)
@@ -126,9 +129,11 @@ def _answer_logits(model, head, ids, mask, sel):
     return logits if logits.dim() == 2 and logits.shape[0] == n else None
 
 
-def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64) -> Scores:
+def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64,
+                  argmax: bool = False) -> Scores:
     """Scores of pre-encoded examples (``enc.example(q)`` = prompt, answer tokens, EOS;
-    the answer starts at ``enc.answer_start[q]``)."""
+    the answer starts at ``enc.answer_start[q]``); ``argmax``: also each answer position's
+    argmax token (``Scores.argmax``)."""
     if batch_size < 1:
         raise FactlabError("batch_size must be >= 1")
     N = len(enc)
@@ -145,8 +150,9 @@ def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64) -> Scores:
     max_nll = np.zeros(N, np.float64)
     n_tokens = lengths - start
     all_argmax = np.zeros(N, bool)
+    ids_out: list[np.ndarray] | None = [np.zeros(0, np.int64)] * N if argmax else None
     if N == 0:
-        return Scores(nll, max_nll, n_tokens, all_argmax)
+        return Scores(nll, max_nll, n_tokens, all_argmax, ids_out)
     pad = _pad_id(model)
     head = output_head(model)
     order = np.argsort(-lengths, kind="stable")  # longest first: an OOM shows at once
@@ -177,7 +183,12 @@ def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64) -> Scores:
                     logits = full[dsel]
                 x = logits.float()
                 tok_nll = torch.logsumexp(x, dim=-1) - x.gather(1, targets[:, None])[:, 0]
-                hit = x.argmax(dim=-1) == targets
+                top = x.argmax(dim=-1)
+                hit = top == targets
+                if ids_out is not None:  # row-major like ``sel``: row r's n_tokens[q] ids
+                    parts = np.split(top.cpu().numpy(), np.cumsum(n_tokens[idx])[:-1])
+                    for q, a in zip(idx, parts):
+                        ids_out[q] = a
                 rows = torch.repeat_interleave(
                     torch.arange(len(idx)), torch.from_numpy(n_tokens[idx])).to(device)
                 B = len(idx)
@@ -192,4 +203,4 @@ def score_encoded(model, enc: EncodedQA, *, batch_size: int = 64) -> Scores:
                 all_argmax[idx] = (miss == 0).cpu().numpy()
     finally:
         model.train(was_training)
-    return Scores(nll, max_nll, n_tokens, all_argmax)
+    return Scores(nll, max_nll, n_tokens, all_argmax, ids_out)

@@ -36,6 +36,7 @@ from pydantic import Field
 from factlab.config import Strict, build
 from factlab.errors import FactlabError
 from factlab.io import atomic_write_text
+from factlab.memory.run import _pct, _tf
 
 CLAIMS = {
     "fit": "LLMs can easily fit random labels (the paper gives no numbers)",
@@ -118,10 +119,6 @@ def run_random_labels(cfg: RandomLabelsSettings, out, *, progress: bool = True) 
     return results
 
 
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
 def rows(results: dict) -> list[dict]:
     """One row per (answer kind, method): the numbers the report's table shows."""
     from factlab.memory.run import held_out
@@ -133,6 +130,8 @@ def rows(results: dict) -> list[dict]:
             ns = r.get("locality", {}).get("never_stored", {})
             out.append({"kind": kind, "method": f"memory, {routing} routing",
                         "recall": r["reliability"]["generation_exact_match"],
+                        "recall_tf": r["reliability"].get("teacher_forced_all_argmax"),
+                        "own_unchanged_tf": own.get("unchanged_tf"),
                         "held_set": own.get("set"),
                         "ood_before": own.get("before"), "ood_after": own.get("after"),
                         "own_unchanged": own.get("unchanged"),
@@ -144,6 +143,8 @@ def rows(results: dict) -> list[dict]:
                 lo = row["locality"]
                 ho = held_out(lo)
                 out.append({"kind": kind, "method": b, "recall": row["reliability"],
+                            "recall_tf": row.get("reliability_teacher_forced"),
+                            "own_unchanged_tf": ho.get("unchanged_tf"),
                             "best": row.get("best_recall"), "best_epochs": row.get("best_epochs"),
                             "lr": row.get("lr"),
                             "held_set": ho.get("set"),
@@ -162,8 +163,10 @@ def report(results: dict) -> str:
     lines = [f"# The random-label experiment: {s['facts']:,} new facts on {results['model']}",
              "", f"The same {s['facts']:,} questions about new names (\"{s['attribute']}\"), "
              f"answered with values from the world's pool (true) or 32 random characters "
-             f"(random). Every number is greedy generation after the write; locality was "
-             f"recorded before it. Paper's claims: " +
+             f"(random). Every number is greedy generation after the write, with the "
+             f"teacher-forced one beside where measured (tf: every answer token the argmax; "
+             f"for locality, the share of the backbone's answer tokens still the argmax); "
+             f"locality was recorded before it. Paper's claims: " +
              "; ".join(CLAIMS.values()) + ".", "",
              "| answers | method | recall | (best, epochs) | " + _held_header(results) +
              " before → after | own Qs unchanged | never-stored answered with a stored value | exposures / fact | "
@@ -171,9 +174,11 @@ def report(results: dict) -> str:
     for r in rows(results):
         best = f"{_pct(r['best'])} at {r['best_epochs']:.0f}, lr {r['lr']:g}" \
             if r.get("best") is not None else ""
-        lines.append(f"| {r['kind']} | {r['method']} | {_pct(r['recall'])} | {best} | "
+        lines.append(f"| {r['kind']} | {r['method']} | {_pct(r['recall'])}{_tf(r['recall_tf'])}"
+                     f" | {best} | "
                      f"{_pct(r['ood_before'])} → {_pct(r['ood_after'])} | "
-                     f"{_pct(r['own_unchanged'])} | {_pct(r['halluc_after'])} | "
+                     f"{_pct(r['own_unchanged'])}{_tf(r['own_unchanged_tf'])} | "
+                     f"{_pct(r['halluc_after'])} | "
                      f"{r['exposures']:.1f} | {r['seconds']:.0f} s | {r['parameters']} |")
     lines += ["", "Greedy recall by the fact's max-token NLL (teacher-forced, after the "
                   "write), and the NLL below which recall is reliable (≥ 99%):", "",

@@ -11,6 +11,7 @@ from pydantic import Field, field_validator, model_validator
 
 from factlab.config import Strict, build, deep_merge, load_yaml, parse_overrides
 from factlab.errors import FactlabError
+from factlab.memory.run import MemorySettings
 from factlab.probe.config import ProbeStep
 from factlab.train.config import TrainConfig
 from factlab.corpus.config import CorpusConfig
@@ -74,6 +75,21 @@ class EvalConfig(Strict):
     first_token_people: int = Field(100, ge=1)  # people per split for first-token curves
 
 
+class MemoryStep(MemorySettings):
+    """The optional ``memory`` step of a recipe cell: ``facts`` new facts about names new to
+    the cell's world, stored in a memory bank on the cell's trained model (frozen) and
+    measured as ``factlab memory tune`` measures them (``CELL/memory/``); every other key
+    is a ``memory tune --set`` setting."""
+
+    facts: int = Field(1000, ge=1, description="new facts to store")
+    # None: 32 random characters each; an attribute of the world (e.g. birth_city): a
+    # value of its pool each
+    values: str | None = None
+
+    def settings(self) -> MemorySettings:
+        return MemorySettings(**self.model_dump(exclude={"facts", "values"}))
+
+
 class CellConfig(Strict):
     name: str
     regime: str = "pretrain+finetune"  # pretrain+finetune | mixed
@@ -102,15 +118,19 @@ class CellConfig(Strict):
     finetune: FinetuneConfig = FinetuneConfig()
     eval: EvalConfig = EvalConfig()
     probe: ProbeStep | None = None  # P-/Q-probing of the pretrained model (default off)
+    # memory tuning on the trained model (default off)
+    memory: MemoryStep | None = None
     # the cell's stages in order (factlab.experiments.stages); default from `regime`:
-    # pretrain, finetune (or mixed), probe when `probe` is set, extract
+    # pretrain, finetune (or mixed), probe when `probe` is set, extract, memory when
+    # `memory` is set
     stages: list[str] | None = None
 
     def stage_list(self) -> list[str]:
         if self.stages is not None:
             return list(self.stages)
         train = ["mixed"] if self.regime == "mixed" else ["pretrain", "finetune"]
-        return train + (["probe"] if self.probe is not None else []) + ["extract"]
+        return train + (["probe"] if self.probe is not None else []) + ["extract"] + \
+            (["memory"] if self.memory is not None else [])
 
     @field_validator("stages")
     @classmethod

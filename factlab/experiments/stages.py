@@ -7,11 +7,12 @@ shared state (torchtune-recipe style: read top to bottom, no inheritance).
     probe      P-/Q-probes of the pretrained model            -> CELL/probe_{p,q}*
     extract    exact-match QA extraction: ID, OOD, paraphrase -> CELL/predictions_*.jsonl
     capacity   bits of knowledge stored (Part 3.3)            -> CELL/result.json
+    memory     new facts in a memory bank on the trained model -> CELL/memory/
 
 ``CellConfig.stages`` names them in order (default from ``regime``: pretrain, finetune
--- or mixed --, then probe when configured, then extract). Each stage registers the report
-section that shows its numbers (``Stage.section``); a later stage kind (memory tuning,
-streams, comparisons) is one more entry here.
+-- or mixed --, then probe when configured, then extract, then memory when configured).
+Each stage registers the report section that shows its numbers (``Stage.section``); a
+later stage kind (streams, comparisons) is one more entry here.
 """
 
 from __future__ import annotations
@@ -244,3 +245,86 @@ def extract(run: CellRun) -> None:
                                      prompt_format=c.model.prompt_format)
         write_jsonl(run.dir / f"predictions_{split}.jsonl", preds)
         run.result[split] = metrics
+
+
+def _memory_section(out, recipe, results, cells):
+    from factlab.memory.run import _pct, _tf
+
+    rows = [r for r in results if "memory" in r]
+    if not rows:
+        return []
+    lines = ["## Memory tuning", "",
+             "New facts about names new to each cell's world, stored in a memory bank on the "
+             "cell's trained model (frozen) and recalled by greedy generation after tuning "
+             "(teacher-forced beside); locality: the model's answers recorded before the "
+             "write, on its own questions (held-out people's among them), the stored "
+             "relation asked about never-stored names, and the world's other questions "
+             "about the stored names. Each cell's full report: `CELL/memory/report.md`.", "",
+             "| cell | facts | recall | recall, bank zeroed | exposures / fact (max) | tuning "
+             "| held-out before → after | answers unchanged: own / never-stored / stored "
+             "names | AUROC stored vs never stored |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["memory"]
+        u = m["unchanged"]
+        lines.append(
+            f"| {r['cell']} | {m['facts']:,} ({m['answers']}) | {_pct(m['recall'])}"
+            f"{_tf(m['recall_tf'])} | {_pct(m['bank_zeroed'])} | {m['exposures_mean']:.1f} "
+            f"({m['exposures_max']}) | {m['tuning_s']:.0f} s | {_pct(m['held_out_before'])} → "
+            f"{_pct(m['held_out_after'])} | "
+            + " / ".join(_pct(u.get(k)) for k in ("own", "never_stored", "stored_entities"))
+            + f" | {m['auroc']:.3f} |")
+    return lines + [""]
+
+
+@stage("memory", section=_memory_section)
+def memory(run: CellRun) -> None:
+    """Memory tuning (``factlab.memory``) on the cell's trained model, frozen:
+    ``memory.facts`` new facts about names new to the world, each answered with 32 random
+    characters or a value of the world's ``memory.values`` attribute, measured as
+    ``factlab memory tune`` does (reliability, locality, unknown names, abstention)."""
+    import json
+
+    from factlab.errors import FactlabError
+    from factlab.memory.facts import (attribute_facts, fresh_names, random_answers,
+                                      world_valued_facts)
+    from factlab.memory.run import held_out, tune_memory
+
+    if not run.is_main:
+        return
+    c = run.cell.memory
+    if c is None:
+        raise FactlabError(f"{run.tag} the memory stage needs the cell's memory: settings")
+    model_dir = next((run.dir / s / "model" for s in ("finetune", "mixed", "pretrain")
+                      if (run.dir / s / "model" / "config.json").is_file()), None)
+    if model_dir is None:
+        raise FactlabError(f"{run.tag} the memory stage needs a trained model: put it after "
+                           f"pretrain, finetune or mixed")
+    tok_dir = run.dir / "tokenizer" if (run.dir / "tokenizer").is_dir() else \
+        run.cell.tokenizer.path
+    cfg = c.settings()
+    names = fresh_names(run.world.world, c.facts, cfg.seed)
+    facts = attribute_facts(names, random_answers(c.facts, cfg.seed)) if c.values is None \
+        else world_valued_facts(run.world, names, c.values, cfg.seed)
+    out = run.dir / "memory"
+    run_id = {"memory": c.model_dump(), "model": str(model_dir.relative_to(run.dir))}
+    marker = out / "memory_run.json"
+    same = marker.is_file() and json.loads(marker.read_text()) == run_id
+    _log(f"{run.tag} memory tuning: {c.facts:,} new facts on the {model_dir.parent.name} "
+         f"model")
+    if same and (out / "results.json").is_file():  # finished: read, not redone
+        res = json.loads((out / "results.json").read_text())
+    else:
+        res = tune_memory(model_dir, tok_dir, facts, names, out, cfg, corpus=run.world,
+                          progress=run.progress, run_id=run_id, replace=not same)
+    ho, rel = held_out(res["locality"]), res["reliability"]
+    run.result["memory"] = {
+        "facts": res["facts"], "answers": c.values or "random 32 characters",
+        "recall": rel["generation_exact_match"], "recall_tf": rel["teacher_forced_all_argmax"],
+        "bank_zeroed": rel["bank_zeroed"], "exposures_mean": res["tuning"]["exposures_mean"],
+        "exposures_max": res["tuning"]["exposures_max"], "tuning_s": res["timing_s"]["tuning"],
+        "held_out_before": ho.get("before"), "held_out_after": ho.get("after"),
+        "unchanged": {k: v["unchanged"] for k, v in res["locality"].items()},
+        "auroc": res["abstention"]["auroc_stored_vs_never_stored"]}
+    _log(f"{run.tag} memory: {rel['generation_exact_match']:.1%} of {res['facts']:,} facts "
+         f"recalled, held-out {ho.get('before', float('nan')):.1%} -> "
+         f"{ho.get('after', float('nan')):.1%}")

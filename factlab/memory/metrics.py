@@ -29,6 +29,24 @@ def locality(before, after) -> float:
     return float(np.mean([x == y for x, y in zip(b, a)])) if b else float("nan")
 
 
+def token_agreement(before, after) -> float:
+    """Teacher-forced locality (EasyEdit's): each prompt is followed by one fixed
+    continuation (here the backbone's own answer before the write) and read by both models;
+    per prompt, the share of continuation positions whose argmax token is the same after as
+    before; the mean over prompts. ``before[i]`` / ``after[i]``: the argmax ids of prompt i
+    (``factlab.evaluate.score.Scores.argmax``)."""
+    b, a = list(before), list(after)
+    if len(b) != len(a):
+        raise ValueError(f"{len(b)} prompts before, {len(a)} after")
+    rates = []
+    for x, y in zip(b, a):
+        x, y = np.asarray(x), np.asarray(y)
+        if x.shape != y.shape:
+            raise ValueError(f"a continuation of {len(x)} positions before, {len(y)} after")
+        rates.append(float(np.mean(x == y)) if len(x) else 1.0)
+    return float(np.mean(rates)) if rates else float("nan")
+
+
 def unknown_hallucination(predictions, stored_values, abstain: str = "unknown") -> dict:
     """On questions about entities never stored: how often the model answers at all
     (anything but an empty string or ``abstain``), and how often its answer is one of the

@@ -401,20 +401,63 @@ def _routes_per_fact(model, enc, batch: int = 64) -> list[set]:
     return out
 
 
-def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -> dict:
-    """Reliability, generalization (on ``para``, the held-out paraphrases) and the
-    locality sets' numbers for any model after the write."""
-    from factlab.memory import metrics as M
+def _continuations(qa, records, fmt: str):
+    """``qa``'s prompts with the answers in ``records`` (the backbone's, recorded before any
+    write) as the continuation that teacher-forced locality reads."""
+    from dataclasses import replace
 
+    ans = [p[1:] if fmt == "plain" and p.startswith(" ") else p
+           for p in (r["prediction"] for r in records)]
+    return replace(qa, answer=ans)
+
+
+def _locality_continuations(backbone, tok, halves, before, cfg) -> dict:
+    """Per locality test half: its prompts encoded with the backbone's own answers as the
+    continuation, and the backbone's argmax token at each of its positions (EasyEdit's
+    teacher-forced locality compares a later model's to these)."""
+    from factlab.evaluate.score import score_encoded
+    from factlab.tokens.encode import encode_qa
+
+    out = {}
+    for k, (_, te) in halves.items():
+        e = encode_qa(tok, _continuations(te, before[k], cfg.prompt_format), cfg.prompt_format)
+        out[k] = (e, score_encoded(backbone, e, batch_size=cfg.eval_batch_size,
+                                   argmax=True).argmax)
+    return out
+
+
+def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None, enc=None,
+                    tf_before=None) -> dict:
+    """Reliability, generalization (on ``para``, the held-out paraphrases) and the
+    locality sets' numbers for any model after the write: generation first; with ``enc``
+    (the facts encoded) and ``tf_before`` (``_locality_continuations``) the teacher-forced
+    numbers beside (``_scores``: the facts' scores)."""
+    from factlab.evaluate.score import score_encoded
+    from factlab.memory import metrics as M
+    from factlab.tokens.encode import encode_qa
+
+    t0 = time.perf_counter()
     met, recs = _ask(model, tok, facts, cfg)
-    res = {"reliability": met["exact_match"], "locality": {}, "_records": recs}
+    res = {"reliability": met["exact_match"], "locality": {}, "_records": recs,
+           "_answer_s": time.perf_counter() - t0}
+    if enc is not None:
+        sc = score_encoded(model, enc, batch_size=cfg.eval_batch_size)
+        res["_scores"], res["reliability_teacher_forced"] = sc, float(sc.all_argmax.mean())
     if para is not None:
         res["generalization"] = _ask(model, tok, para, cfg)[0]["exact_match"]
+        res["generalization_teacher_forced"] = float(score_encoded(
+            model, encode_qa(tok, para, cfg.prompt_format),
+            batch_size=cfg.eval_batch_size).all_argmax.mean())
     for k, (_, te) in halves.items():
         _, after = _ask(model, tok, te, cfg, k)
         row = {"prompts": len(after),
                "unchanged": M.locality([r["prediction"] for r in before[k]],
                                        [r["prediction"] for r in after])}
+        if tf_before is not None:
+            e, ids = tf_before[k]
+            row["unchanged_teacher_forced"] = M.token_agreement(
+                ids, score_encoded(model, e, batch_size=cfg.eval_batch_size,
+                                   argmax=True).argmax)
         if k == "own":
             split = np.asarray(corpus.split)[np.asarray(te.person)]
             for name, sel in (("ood", split == 1), ("id", split == 0)):
@@ -441,7 +484,8 @@ def _evaluate_after(model, tok, facts, halves, before, corpus, cfg, para=None) -
 
 
 def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, before, corpus,
-              out, progress, writes=None, para=None, epochs=None, lr=None) -> dict:
+              out, progress, writes=None, para=None, epochs=None, lr=None,
+              tf_before=None) -> dict:
     """LoRA or full finetuning of the backbone on the same facts for ``steps`` steps; with
     ``writes`` (positions per write), one experience per write through the experience
     driver, ``steps`` steps each."""
@@ -495,13 +539,12 @@ def _baseline(kind, model_path, tok, facts, enc, longest, steps, cfg, halves, be
     tuned = time.perf_counter() - t0
     m.eval()
     trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-    row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
-    recs = row.pop("_records")
+    row = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para, enc, tf_before)
+    recs, sc = row.pop("_records"), row.pop("_scores")
+    del row["_answer_s"]
     # the "hallucinate above a loss threshold" reading, for the finetuned model too
-    from factlab.evaluate.score import score_encoded
     from factlab.memory import metrics as M
 
-    sc = score_encoded(m, enc, batch_size=cfg.eval_batch_size)
     correct = np.array([r["correct"] for r in recs])
     res = {**row, "steps": total, "tuning_s": tuned, "trainable_parameters": trainable,
            "final_loss": final, "lr": lr or (cfg.lora_lr if kind == "lora" else cfg.full_lr),
@@ -609,7 +652,6 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     ``out/results.json``, ``out/report.md`` and the predictions; return the results."""
     import torch
 
-    from factlab.evaluate.score import score_encoded
     from factlab.memory import metrics as M
     from factlab.memory.gate import pick_radius
     from factlab.memory.model import MemoryModel, decoder_layers, default_layers, prompt_tokens
@@ -637,6 +679,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
         q = int(np.argmax(enc.lengths))
         raise FactlabError(f"memory tune: fact {q} ({facts.question[q]!r}) is {longest} tokens "
                            f"with its answer, longer than the model's context ({ctx})")
+    decoder_layers(backbone)  # an unsupported family fails here, before anything is written
     if cfg.gate == "entity" and cfg.routing != "key":
         raise FactlabError("memory tune: gate=entity reads the matched fact's own rows: it "
                            "needs routing=key")
@@ -672,7 +715,10 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     halves = {k: (_half(v, 0), _half(v, 1)) for k, v in loc.items()}
     before = {k: _ask(backbone, tok, te, cfg, k)[1]
               for k, (_, te) in halves.items()}
+    tf_before = _locality_continuations(backbone, tok, halves, before, cfg)
+    t1 = time.perf_counter()
     base_recall = _ask(backbone, tok, facts, cfg)[0]
+    answer_s = {"backbone": time.perf_counter() - t1}
     res["timing_s"]["before"] = time.perf_counter() - t0
     # ---- the memory, its keys, the radius (validation halves only)
     m = MemoryModel(backbone, n_keys=cfg.n_keys, heads=cfg.heads, topk=cfg.topk,
@@ -748,12 +794,16 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     t0 = time.perf_counter()
     m.eval()
     para, idx_para = paraphrases(corpus, facts, names)
-    after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para)
-    recs = after.pop("_records")
+    after = _evaluate_after(m, tok, facts, halves, before, corpus, cfg, para, enc, tf_before)
+    recs, sc = after.pop("_records"), after.pop("_scores")
+    answer_s["memory"] = after.pop("_answer_s")
+    # the lookup's cost where a user meets it: greedy answers to the stored questions, the
+    # same prompts and batch, the backbone (before) and the memory model (after)
+    res["answer_latency_ms"] = {k: 1e3 * v / len(facts) for k, v in answer_s.items()}
+    res["answer_latency_ms"]["batch"] = cfg.eval_batch_size
     correct = np.array([r["correct"] for r in recs])
-    sc = score_encoded(m, enc, batch_size=cfg.eval_batch_size)
     res["reliability"] = {"generation_exact_match": after["reliability"],
-                          "teacher_forced_all_argmax": float(sc.all_argmax.mean()),
+                          "teacher_forced_all_argmax": after["reliability_teacher_forced"],
                           "backbone_before": base_recall["exact_match"],
                           "measured": f"after all {cfg.writes} sequential writes" if seq
                           else "after all writes (one write of every fact)"}
@@ -763,6 +813,7 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     if para is not None:
         g_bb = _ask(backbone, tok, para, cfg)[0]
         row = {"prompts": len(para), "generation_exact_match": after.pop("generalization"),
+               "teacher_forced_all_argmax": after.pop("generalization_teacher_forced"),
                "backbone": g_bb["exact_match"]}
         if m.keygate is not None:
             row["gate_open"] = float((m.question_scores(encode_qa(tok, para, cfg.prompt_format))
@@ -820,11 +871,11 @@ def tune_memory(model_path, tokenizer_path, facts, names: list[str], out, cfg: M
     for k in cfg.baselines:
         res["baselines"][k] = _baseline(k, model_path, tok, facts, enc, longest, budget, cfg,
                                         halves, before, corpus, out, progress, writes=writes,
-                                        para=para)
+                                        para=para, tf_before=tf_before)
         if cfg.baseline_epochs and not seq:  # and at its own best (over the lr grid)
             tries = [_baseline(k, model_path, tok, facts, enc, longest, budget, cfg, halves,
                                before, corpus, out, progress, para=para,
-                               epochs=cfg.baseline_epochs, lr=lr)
+                               epochs=cfg.baseline_epochs, lr=lr, tf_before=tf_before)
                      for lr in ((cfg.lora_lrs if k == "lora" else cfg.full_lrs) or [None])]
             # the best recall; of equals, the one that got there in fewest epochs
             best = max(tries, key=lambda b: (b["best_recall"], -b["best_epochs"]))
@@ -844,6 +895,11 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
+def _tf(x) -> str:
+    """A teacher-forced number beside its generation one."""
+    return "" if x is None else f" (tf {100 * x:.1f}%)"
+
+
 def held_out(locality: dict) -> dict:
     """What the backbone knew, before and after: the world's held-out (OOD) accuracy on its
     own questions, or, without a world, the general-knowledge set's (containment); with
@@ -851,12 +907,19 @@ def held_out(locality: dict) -> dict:
     if "own" in locality:
         o = locality["own"]
         return {"set": "own", "before": o.get("ood_before"), "after": o.get("ood_after"),
-                "unchanged": o.get("unchanged")}
+                "unchanged": o.get("unchanged"), "unchanged_tf": o.get("unchanged_teacher_forced")}
     if "general" in locality:
         g = locality["general"]
         return {"set": "general", "before": g.get("accuracy_before"),
-                "after": g.get("accuracy_after"), "unchanged": g.get("unchanged")}
+                "after": g.get("accuracy_after"), "unchanged": g.get("unchanged"),
+                "unchanged_tf": g.get("unchanged_teacher_forced")}
     return {}
+
+
+def _loc(locality: dict, k: str) -> str:
+    """One locality set's answers unchanged, generation (teacher-forced)."""
+    row = locality.get(k, {})
+    return _pct(row.get("unchanged")) + _tf(row.get("unchanged_teacher_forced"))
 
 
 def report(res: dict) -> str:
@@ -891,6 +954,9 @@ def report(res: dict) -> str:
         lines.append(f"| generalization: paraphrased questions ({g['prompts']}), greedy exact "
                      f"match (backbone alone) | {_pct(g['generation_exact_match'])} "
                      f"({_pct(g['backbone'])}) |")
+        if "teacher_forced_all_argmax" in g:
+            lines.append(f"| generalization, teacher-forced: every answer token the argmax | "
+                         f"{_pct(g['teacher_forced_all_argmax'])} |")
         if "gate_open" in g:
             lines.append(f"| paraphrases the gate opens on | {_pct(g['gate_open'])} |")
         if "gate_open_own_fact" in g:
@@ -899,6 +965,10 @@ def report(res: dict) -> str:
     for k, row in res.get("locality", {}).items():
         lines.append(f"| locality, {k.replace('_', ' ')} ({row['prompts']} test prompts): "
                      f"answers unchanged | {_pct(row['unchanged'])} |")
+        if "unchanged_teacher_forced" in row:
+            lines.append(f"| locality, {k.replace('_', ' ')}, teacher-forced: the backbone's "
+                         f"answer tokens still the argmax (token share) | "
+                         f"{_pct(row['unchanged_teacher_forced'])} |")
         if "ood_before" in row:
             lines.append(f"| the backbone's held-out (OOD) accuracy before → after | "
                          f"{_pct(row['ood_before'])} → {_pct(row['ood_after'])} |")
@@ -918,6 +988,10 @@ def report(res: dict) -> str:
             lines.append(f"| abstention AUROC, paraphrases of stored questions vs never stored "
                          f"(entity score) | "
                          f"{res['abstention']['auroc_paraphrase_vs_never_stored']:.4f} |")
+    if "answer_latency_ms" in res:
+        la = res["answer_latency_ms"]
+        lines.append(f"| greedy answer time per stored question (batch {la['batch']}): "
+                     f"backbone → memory | {la['backbone']:.1f} ms → {la['memory']:.1f} ms |")
     ss = res.get("slot_sharing", {})
     if "slots_used" in ss:
         lines.append(f"| slots used / facts per slot (mean, max) / facts sharing a slot | "
@@ -931,30 +1005,37 @@ def report(res: dict) -> str:
                      f"greedy recall measured {s['baseline_evals']} times along, the best "
                      f"point in brackets, every other number after the last epoch)") + ":",
                   "",
+                  "Generation exact match first; teacher-forced (tf) beside: every answer "
+                  "token the argmax for reliability and generalization, the share of the "
+                  "backbone's answer tokens still the argmax for locality.", "",
                   "| method | steps | time | trainable params | reliability | generalization "
                   "| own questions unchanged | held-out before → after | never-stored unchanged | "
                   "stored entities unchanged |", "|---|---|---|---|---|---|---|---|---|---|"]
         own = held_out(res["locality"])
+        gen = res.get("generalization", {})
         lines.append(f"| memory (this run) | {t['steps']:,} | {res['timing_s']['tuning']:.0f} s "
                      f"| {res['parameters']['added']:,} added | "
-                     f"{_pct(r['generation_exact_match'])} | "
-                     f"{_pct(res.get('generalization', {}).get('generation_exact_match'))} | "
-                     f"{_pct(own.get('unchanged'))} | "
+                     f"{_pct(r['generation_exact_match'])}"
+                     f"{_tf(r['teacher_forced_all_argmax'])} | "
+                     f"{_pct(gen.get('generation_exact_match'))}"
+                     f"{_tf(gen.get('teacher_forced_all_argmax'))} | "
+                     f"{_pct(own.get('unchanged'))}{_tf(own.get('unchanged_tf'))} | "
                      f"{_pct(own.get('before'))} → {_pct(own.get('after'))} | "
-                     f"{_pct(res['locality'].get('never_stored', {}).get('unchanged'))} | "
-                     f"{_pct(res['locality'].get('stored_entities', {}).get('unchanged'))} |")
+                     + _loc(res["locality"], "never_stored") + " | "
+                     + _loc(res["locality"], "stored_entities") + " |")
         for k, b in res["baselines"].items():
             lo = b["locality"]
             o = held_out(lo)
             lines.append(f"| {k} | {b['steps']:,} | {b['tuning_s']:.0f} s | "
                          f"{b['trainable_parameters']:,} | {_pct(b['reliability'])}"
+                         f"{_tf(b.get('reliability_teacher_forced'))}"
                          + (f" (best {_pct(b['best_recall'])} at {b['best_epochs']:.0f} "
                             f"epochs, lr {b['lr']:g})" if "best_recall" in b else "") + " | "
-                         f"{_pct(b.get('generalization'))} | "
-                         f"{_pct(o.get('unchanged'))} | {_pct(o.get('before'))} → "
-                         f"{_pct(o.get('after'))} | "
-                         f"{_pct(lo.get('never_stored', {}).get('unchanged'))} | "
-                         f"{_pct(lo.get('stored_entities', {}).get('unchanged'))} |")
+                         f"{_pct(b.get('generalization'))}"
+                         f"{_tf(b.get('generalization_teacher_forced'))} | "
+                         f"{_pct(o.get('unchanged'))}{_tf(o.get('unchanged_tf'))} | "
+                         f"{_pct(o.get('before'))} → {_pct(o.get('after'))} | "
+                         + _loc(lo, "never_stored") + " | " + _loc(lo, "stored_entities") + " |")
     if "sequential" in res:
         sq = res["sequential"]
         cols = [k for k in sq["curve"][0] if k != "writes"] if sq["curve"] else []
