@@ -3,6 +3,7 @@ Figure 3 ordering check, and a clear error for a directory that is not a run."""
 
 import json
 
+import numpy as np
 import pytest
 import yaml
 
@@ -106,6 +107,17 @@ def test_probe_rows_p1_contrast_and_q_with_paper(tmp_path):
     row = next(ln for ln in text.splitlines() if ln.startswith("| quickstart / multi5+permute")
                and "OOD" not in ln and "paper 94.9" in ln)
     assert "11.0 (2.5), paper 94.9" in row and "| 93.0 |" in row
+    assert "Result 5" in text and "too few for a correlation" in text  # one probed cell
+
+
+def test_result5_correlates_q_probe_with_qa_across_cells():
+    from factlab.experiments.reproduction import _result5
+
+    line = _result5([(3.0, 0.10), (5.0, 0.30), (20.0, 0.90), (None, 0.5)])
+    r = np.corrcoef([3.0, 5.0, 20.0], [0.10, 0.30, 0.90])[0, 1]
+    assert f"Pearson r = {r:.2f}" in line and "over the 3 probed cells" in line
+    assert "Pearson r = -1.00" in _result5([(1.0, 0.9), (2.0, 0.5), (3.0, 0.1)])
+    assert "too few" in _result5([(1.0, 0.9), (2.0, 0.5)])
 
 
 def test_kept_records_regenerate_the_same_table_after_the_runs_are_gone(tmp_path):

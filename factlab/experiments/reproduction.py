@@ -294,8 +294,33 @@ def _probes(runs: list[Run]) -> list[str]:
                 (f"{_pct(got[a]['test'][0])} ({_pct(got[a]['chance'])})" if a in got else "–")
                 + (f", paper {pap[a]:.1f}" if a in pap else "") for a in attrs)
                 + f" | {_pct(res['ood']['exact_match'])} | {_probe_how(q)} |")
-        lines.append("")
+        lines += ["", _result5([(_q_mean(_probe_of(res, "q")), res["ood"]["exact_match"])
+                               for _, res in qrow]), ""]
     return lines
+
+
+def _q_mean(q: dict) -> float | None:
+    """A Q-probe's mean test accuracy over its whole-value tasks."""
+    return _stats([t["test"][0] for t in q["tasks"] if t["target"] == "value"
+                   and t["test"][0] is not None])[0]
+
+
+def _result5(pairs: list[tuple[float | None, float]]) -> str:
+    """The paper's Result 5 as a number: across the probed cells, the Pearson correlation
+    of the Q-probe's mean whole-value accuracy with OOD QA accuracy."""
+    pairs = [(q, o) for q, o in pairs if q is not None]
+    head = ("Result 5 (the Q-probe tracks QA across pretraining data; the paper shows it "
+            "across its datasets and gives no coefficient): ")
+    if len(pairs) < 3:
+        return head + f"{len(pairs)} probed cell(s) here, too few for a correlation."
+    q, o = np.array(pairs, dtype=float).T
+    if q.std() == 0 or o.std() == 0:
+        return head + "no spread in one of the two over the probed cells."
+    r = float(np.corrcoef(q, o)[0, 1])
+    return head + (f"Pearson r = {r:.2f} between the Q-probe's mean whole-value accuracy "
+                   f"and OOD QA accuracy over the {len(pairs)} probed cells (Q-probe "
+                   f"{q.min():.1f}–{q.max():.1f}%, OOD {100 * o.min():.1f}–"
+                   f"{100 * o.max():.1f}%).")
 
 
 def _capacity(runs: list[Run]) -> list[str]:
