@@ -43,10 +43,13 @@ def test_evaluate_any_saved_model(tmp_path, capfd):
     import sys
 
     child = subprocess.run([sys.executable, "-c", "import sys; from transformers import "
-                            "AutoModelForCausalLM as M; M.from_pretrained(sys.argv[1])",
-                            str(tmp_path / "hf")], env=dict(os.environ), capture_output=True,
-                           text=True, timeout=300)
-    assert child.returncode == 0 and "Loading weights" not in child.stderr, child.stderr
+                            "AutoModelForCausalLM as M; M.from_pretrained(sys.argv[1])"
+                            ".save_pretrained(sys.argv[2])",  # a load and a save
+                            str(tmp_path / "hf"), str(tmp_path / "resaved")],
+                           env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0 and (tmp_path / "resaved" / "config.json").is_file()
+    assert "Loading weights" not in child.stderr and "Writing model shards" not in \
+        child.stderr, child.stderr
     recs = {s: [json.loads(x) for x in open(out / f"predictions_{s}.jsonl")]
             for s in ("id", "ood", "paraphrase")}
     assert len(recs["id"]) == 6 * len(world.train_ids) and len(recs["ood"]) == 6 * len(world.test_ids)

@@ -43,6 +43,34 @@ def test_a_zero_bank_leaves_the_backbone_exact(arch, opts):
                                    seed=0)(input_ids=x).logits)  # the hooks act only in m
 
 
+def _hf_tiny(family):
+    """A tiny randomly initialised model of a Hugging Face family factlab does not build."""
+    import transformers as T
+
+    torch.manual_seed(0)
+    if family == "gpt2":  # decoder layers at transformer.h
+        return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_positions=32, n_embd=32,
+                                              n_layer=4, n_head=2)).eval()
+    return T.Qwen2ForCausalLM(T.Qwen2Config(  # model.layers, grouped-query attention
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)).eval()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("opts", [{}, {"gate": True}])
+def test_gpt2_and_qwen2_take_a_bank_that_is_exact_at_zero(family, opts):
+    bb = _hf_tiny(family)
+    m = MemoryModel(bb, n_keys=16, heads=2, topk=4, key_dim=8, **opts)
+    assert m.layers == default_layers(4) and len(m.banks) == len(m.layers)
+    x = torch.randint(2, 64, (3, 20))
+    with torch.no_grad():
+        want = bb(input_ids=x).logits
+        assert torch.equal(m(input_ids=x).logits, want)
+        m.banks[1].values.weight.normal_()
+        assert not torch.equal(m(input_ids=x).logits, want)  # the hook reaches the layer
+    assert torch.equal(bb(input_ids=x).logits, want)  # and acts only in m
+
+
 def test_only_the_selected_rows_get_a_gradient_and_change():
     torch.manual_seed(1)
     bank = ProductKeyMemory(16, 8, n_keys=32, heads=2, topk=4, key_dim=8)
@@ -212,9 +240,18 @@ def test_memory_tuning_recalls_every_fact_and_the_bank_holds_them(setting):
 
 def test_pinned_routing_hits_the_same_slots_across_calls_and_after_save_load(setting):
     s = setting
-    loop, _ = tune(s, s["tmp"] / "pinned", routing="pinned", steps=150)
+    loop, plug = tune(s, s["tmp"] / "pinned", routing="pinned", steps=115)
     m = loop.model
     assert not any(p.requires_grad for p in m.router_parameters())
+    # the budget ended with some facts done: each one flagged done (max-token NLL < tau
+    # and every token the argmax, read from the training loss) is reproduced by greedy
+    # decoding on the final model
+    from factlab.evaluate.generate import evaluate_qa
+
+    _, recs = evaluate_qa(m, s["tok"], s["facts"])
+    done = np.flatnonzero(plug.done)
+    assert 0 < len(done) < len(recs)
+    assert all(recs[i]["correct"] for i in done)
     x = torch.from_numpy(np.stack([s["enc"].example(q)[:12] for q in range(4)]).astype(np.int64))
     a, b = m.routes(x), m.routes(x)
     assert all(torch.equal(a[i], b[i]) for i in a)
@@ -251,7 +288,7 @@ def test_a_failed_recheck_waits_one_pass_before_the_next(setting):
 
     plug.verify = verify
     model = SimpleNamespace(training=True, train=lambda was: None)
-    loop = SimpleNamespace(model=model, stopped=False)
+    loop = SimpleNamespace(model=model, stopped=False, cfg=SimpleNamespace(steps=100))
     loop.stop = lambda: setattr(loop, "stopped", True)
     for step in range(1, 16):
         plug.done[:] = True  # the training flags all say done after every step
@@ -260,6 +297,11 @@ def test_a_failed_recheck_waits_one_pass_before_the_next(setting):
     again = MemoryTuning(s["enc"], 64, 1)
     again.load_state_dict(plug.state_dict())
     assert again.next_verify == plug.next_verify == 22
+    # the budget's last step re-scores whatever the wait, and the flags become the
+    # final model's: the slipped fact is not left marked done
+    plug.done[:] = True
+    plug.after_step(loop, 99, {})
+    assert len(calls) == 4 and not plug.done[0] and plug.done[1:].all()
 
 
 def test_tau_margin_trains_below_it_and_stops_at_tau(setting, monkeypatch):
@@ -359,9 +401,11 @@ def test_key_gated_tuning_recalls_every_fact_and_leaves_other_answers_exact(sett
     # unrelated "Tom Lamb" can sit near a stored "Tom L..." above the radius; how many do
     # depends on the backbone's numerics (0 or 1 of 100 measured at 2 and 1 threads)
     shut = m.question_scores(encode_known(s, 100)) < m.radius
-    assert shut.sum() >= 97
+    assert shut.sum() >= 99
     assert [r["prediction"] for r, k in zip(after, shut) if k] == \
         [r["prediction"] for r, k in zip(before, shut) if k]
+    # and so the issue's bar on the whole locality set: >= 99% of its answers unchanged
+    assert sum(a["prediction"] == b["prediction"] for a, b in zip(after, before)) >= 99
     again = load_any(s["tmp"] / "keys" / "model")  # the codebook and radius travel
     assert len(again.keygate) == len(s["facts"]) and again.radius == m.radius
     assert evaluate_qa(again, s["tok"], s["facts"])[0]["exact_match"] == 1.0

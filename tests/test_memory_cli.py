@@ -137,10 +137,10 @@ def test_without_a_world_locality_is_general_knowledge_and_never_stored_names(ti
     assert contains_answer("It is the Nile, in Africa", "The Nile")
     assert not contains_answer("The capital of Brazil is Sao Paulo", "Brasília")
     out = tiny / "noworld"
-    assert cli("memory", "tune", tiny / "hf", "--random", 8, "--out", out, *SMALL) == 0
+    assert cli("memory", "tune", tiny / "hf", "--random", 8, "--out", out, *SMALL,
+               "--set", "max_exposures=2000") == 0  # (600 left 6-7 of 8 to the budget)
     res = json.loads((out / "results.json").read_text())
-    # (recall to 100% is the world test's; here 7 of 8 at this tiny budget)
-    assert res["reliability"]["generation_exact_match"] >= 0.85
+    assert res["reliability"]["generation_exact_match"] == 1.0
     loc = res["locality"]
     # (and the shipped canonical questions of other attributes about the stored names)
     assert set(loc) == {"general", "never_stored", "stored_entities"}

@@ -19,7 +19,9 @@ fractions done and greedy-right, percentiles of the facts' max-token NLL). Flags
 from training batches describe the model *before* each update, and a later update can
 undo an earlier fact; so when every flag says done, all facts are scored again on the
 current model (teacher-forced, ``factlab.evaluate.score``: cheap, no
-generation) and the run stops only if they still all are; otherwise the slipped facts go
+generation) and the run stops only if they still all are (and at the budget's last step,
+time or steps, they are scored once more, so the flags a run ends with are the final
+model's); otherwise the slipped facts go
 back into the sampler, and the next check waits at least as many steps as one pass over
 the facts in scope takes at the full batch (near the end, facts whose loss sits at ``tau``
 flip between done and not; re-scoring all of them after every step cost 2,000 facts more
@@ -267,16 +269,23 @@ class MemoryTuning(Plugin):
 
         if self._t0 is None:
             self._t0 = time.perf_counter()
-        if self.minutes is not None and time.perf_counter() - self._t0 > 60 * self.minutes:
+        over = self.minutes is not None and time.perf_counter() - self._t0 > 60 * self.minutes
+        if over:
             loop.stop()
+        # the budget's last step (time or steps): the flags are refreshed on the final
+        # model, so that "done" in the summary and in the saved state is what greedy
+        # decoding of the tuned model gives, not a training batch's view of an earlier one
+        last = over or step + 1 >= loop.cfg.steps
         at = self.steps_total + step
-        if self.done[self.scope].all() and at >= self.next_verify:
+        if (self.done[self.scope].all() and at >= self.next_verify) or last:
             was = loop.model.training
             ok = self.verify(loop.model)
             loop.model.train(was)
             logs["verified"] = int(ok.sum())
             if ok.all():
                 loop.stop()
+            elif last:
+                self.done[np.flatnonzero(self.scope)] = ok
             else:  # one pass over the scope at the full batch before the next check
                 self.next_verify = at + max(1, -(-len(ok) // self._batch_rows))
         logs["facts_done"] = int(self.done.sum())
