@@ -539,8 +539,7 @@ def memory_tune(
 ) -> None:
     """Tune a memory bank on a frozen MODEL until every fact is recalled exactly; report
     reliability, locality, hallucination on never-stored names and abstention AUROC."""
-    from factlab.memory.facts import (attribute_facts, city_valued_facts, file_facts,
-                                      fresh_names, random_answers, world_valued_facts)
+    from factlab.memory.facts import file_facts, generated_facts
     from factlab.memory.run import MemorySettings, report, tune_memory
 
     _quiet_hf()
@@ -572,18 +571,7 @@ def memory_tune(
 
         corpus = load_world(wpath)
     if random is not None:
-        if values is not None and corpus is None and \
-                values.strip().replace(" ", "_") != "birth_city":
-            raise FactlabError(f"--values {values}: without a world (--world DIR) only "
-                               f"birth_city (the shipped cities) has values to draw")
-        # new names from the world's pools, or from every shipped name without a world
-        names = fresh_names(corpus.world if corpus is not None else None, random, cfg.seed)
-        if values is None:
-            qa = attribute_facts(names, random_answers(random, cfg.seed))
-        elif corpus is None:  # "What is the birth city of NAME?", a shipped city
-            qa = city_valued_facts(names, cfg.seed)
-        else:
-            qa = world_valued_facts(corpus, names, values, cfg.seed)
+        qa, names = generated_facts(corpus, random, values, cfg.seed)
     else:
         qa, names = file_facts(facts)
     import torch

@@ -285,8 +285,8 @@ def memory(run: CellRun) -> None:
     import json
 
     from factlab.errors import FactlabError
-    from factlab.memory.facts import (attribute_facts, fresh_names, random_answers,
-                                      world_valued_facts)
+    from factlab.experiments.run import cell_model
+    from factlab.memory.facts import generated_facts
     from factlab.memory.run import held_out, tune_memory
 
     if not run.is_main:
@@ -294,17 +294,9 @@ def memory(run: CellRun) -> None:
     c = run.cell.memory
     if c is None:
         raise FactlabError(f"{run.tag} the memory stage needs the cell's memory: settings")
-    model_dir = next((run.dir / s / "model" for s in ("finetune", "mixed", "pretrain")
-                      if (run.dir / s / "model" / "config.json").is_file()), None)
-    if model_dir is None:
-        raise FactlabError(f"{run.tag} the memory stage needs a trained model: put it after "
-                           f"pretrain, finetune or mixed")
-    tok_dir = run.dir / "tokenizer" if (run.dir / "tokenizer").is_dir() else \
-        run.cell.tokenizer.path
+    model_dir, _, tok_dir = cell_model(run.dir)  # the last trained stage's model
     cfg = c.settings()
-    names = fresh_names(run.world.world, c.facts, cfg.seed)
-    facts = attribute_facts(names, random_answers(c.facts, cfg.seed)) if c.values is None \
-        else world_valued_facts(run.world, names, c.values, cfg.seed)
+    facts, names = generated_facts(run.world, c.facts, c.values, cfg.seed)
     out = run.dir / "memory"
     run_id = {"memory": c.model_dump(), "model": str(model_dir.relative_to(run.dir))}
     marker = out / "memory_run.json"

@@ -129,3 +129,21 @@ def city_valued_facts(names, seed: int) -> QA:
     g = np.random.default_rng([seed, 34])
     return attribute_facts(names, [cities[i] for i in g.integers(0, len(cities), len(names))],
                            attribute="birth city")
+
+
+def generated_facts(corpus, n: int, values: str | None, seed: int) -> tuple[QA, list[str]]:
+    """``n`` new facts about ``n`` names new to ``corpus`` (a world, or None: the shipped
+    name pools): 32 random characters each, or with ``values`` a value of that attribute
+    (the world's pool; without a world only birth_city, the shipped cities). Returns the
+    facts and their names (``memory tune --random``, the recipes' memory stage)."""
+    from factlab.errors import FactlabError
+
+    names = fresh_names(corpus.world if corpus is not None else None, n, seed)
+    if values is None:
+        return attribute_facts(names, random_answers(n, seed)), names
+    if corpus is None:
+        if values.strip().replace(" ", "_") != "birth_city":
+            raise FactlabError(f"--values {values}: without a world (--world DIR) only "
+                               f"birth_city (the shipped cities) has values to draw")
+        return city_valued_facts(names, seed), names
+    return world_valued_facts(corpus, names, values, seed), names
