@@ -35,9 +35,14 @@ step() {  # step NAME SECONDS CMD...: run CMD under a time limit, logged
     local name=$1 limit=$2
     shift 2
     echo "=== $name (limit ${limit}s) at +$(( $(date +%s) - T0 ))s: $*" >>"$LOG"
-    timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1
+    # its own session (a background job of this non-interactive shell is no group leader,
+    # so setsid does not fork and the session's id is $!): killing that process group
+    # ends the cells a timed-out run left behind, and nothing else on the machine
+    setsid timeout -k 5 "$limit" "$@" >>"$LOG" 2>&1 &
+    local pid=$!
+    wait "$pid"
     echo "=== $name: exit $? at +$(( $(date +%s) - T0 ))s" >>"$LOG"
-    pkill -f multiprocessing.spawn 2>/dev/null  # cells a timed-out run left behind
+    kill -- "-$pid" 2>/dev/null
     sleep 1
 }
 {

@@ -52,6 +52,13 @@ def test_recipe_errors():
         load_recipe("fig3", ["only=multi9"])
     r = load_recipe("fig3", ["only=single,multi5"])
     assert [c.name for c in r.cells] == ["single", "multi5"]
+    # fig3's own default subset (the paper's five cells, ~27 min a seed); only=all: every cell
+    five = [c.name for c in load_recipe("fig3").cells]
+    assert len(five) == 5 and not any("fullname" in n for n in five)
+    every = [c.name for c in load_recipe("fig3", ["only=all"]).cells]
+    assert set(five) < set(every) and "single+fullname" in every
+    assert [c.name for c in load_recipe("fig3", ["only=single+fullname"]).cells] == \
+        ["single+fullname"]
 
 
 def test_null_for_a_block_the_recipe_sets_restores_its_defaults():

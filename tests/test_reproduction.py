@@ -56,7 +56,9 @@ def test_table_has_means_spreads_and_the_ordering(tmp_path):
     assert "scale: 400 people (paper 100,000)" in text
     assert "| name-last | multi5+permute+reverse | works" in text and "**50.0**" in text
     assert "Not run here: `mixed`, `celebrity`, `capacity`." in text
-    assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 5000 × 8" in text
+    # pretraining tokens: 5,000 steps x 8 rows x context 128; the paper's 80,000 x 96 x 512
+    assert "`s0` | fig3 | 4 | 400 | 1,300,000 | 5000 × 8 | 5.1M |" in text
+    assert "(3.93B tokens)" in text
 
 
 def test_not_a_run_directory(tmp_path):

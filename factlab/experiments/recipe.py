@@ -252,7 +252,11 @@ def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe
     if not cells:
         raise FactlabError(f"{path}: a recipe needs a non-empty 'cells' list")
     shared = {k: data.pop(k) for k in list(data) if k in SHARED}
-    only = data.pop("only", None)  # run a subset of cells: only=single,multi5+permute
+    # run a subset of cells: only=single,multi5+permute. A recipe may name its default
+    # subset (fig3: the paper's five cells); only=all runs every cell
+    only = data.pop("only", None)
+    if str(only).strip() == "all":
+        only = None
     expanded = []
     for i, cell in enumerate(cells):
         if not isinstance(cell, dict) or "name" not in cell:

@@ -337,22 +337,35 @@ def _capacity(runs: list[Run]) -> list[str]:
 def _scale(runs: list[Run]) -> list[str]:
     lines = ["## Scale of every run", "",
              "| run | recipe | cells | people | parameters | pretrain steps × batch | "
-             "finetune steps × batch | context | wall time per cell (mean) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "pretraining tokens | finetune steps × batch | context | "
+             "wall time per cell (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        c = r.recipe.cells[0]
-        steps = sorted({x.pretrain.steps for x in r.recipe.cells})
+        done = {res["cell"] for res in r.results}
+        cells = [x for x in r.recipe.cells if x.name in done] or r.recipe.cells  # those run
+        c = cells[0]
+        steps = sorted({x.pretrain.steps for x in cells})
         secs = [res["seconds"] for res in r.results]
+        # token slots of the pretraining (or mixed) stage: steps x rows x context, padding
+        # and (mixed) the QA rows included, as the paper's 80,000 x 96 x 512 counts them
+        toks = sorted({x.pretrain.steps * x.pretrain.batch_size * x.model.context
+                       for x in cells})
         lines.append(f"| `{r.dir.name}` | {r.name} | {len(r.results)} | "
                      f"{', '.join(sorted({str(res['people']) for res in r.results}))} | "
                      f"{max(res['params'] for res in r.results):,} | "
                      f"{'/'.join(map(str, steps))} × {c.pretrain.batch_size} | "
+                     f"{'/'.join(_millions(t) for t in toks)} | "
                      f"{c.finetune.steps} × {c.finetune.batch_size} ({c.finetune.mode}) | "
-                     f"{'/'.join(str(x) for x in sorted({x.model.context for x in r.recipe.cells}))} | "
+                     f"{'/'.join(str(x) for x in sorted({x.model.context for x in cells}))} | "
                      f"{np.mean(secs) / 60:.1f} min |")
+    paper_tokens = 80_000 * 96 * 512
     return lines + ["", f"The paper: GPT-2 small ({PAPER_PARAMS / 1e6:.0f}M parameters), "
                     f"{PAPER_BIOS_PEOPLE:,} people, 80,000 pretraining steps × 96 sequences of "
-                    "512 tokens.", ""]
+                    f"512 tokens ({_millions(paper_tokens)} tokens).", ""]
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
 def reproduction_lines(runs: list[Run]) -> list[str]:
