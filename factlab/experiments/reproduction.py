@@ -354,17 +354,17 @@ def _scale(runs: list[Run]) -> list[str]:
                      f"{', '.join(sorted({str(res['people']) for res in r.results}))} | "
                      f"{max(res['params'] for res in r.results):,} | "
                      f"{'/'.join(map(str, steps))} × {c.pretrain.batch_size} | "
-                     f"{'/'.join(_millions(t) for t in toks)} | "
+                     f"{'/'.join(_short_count(t) for t in toks)} | "
                      f"{c.finetune.steps} × {c.finetune.batch_size} ({c.finetune.mode}) | "
                      f"{'/'.join(str(x) for x in sorted({x.model.context for x in cells}))} | "
                      f"{np.mean(secs) / 60:.1f} min |")
     paper_tokens = 80_000 * 96 * 512
     return lines + ["", f"The paper: GPT-2 small ({PAPER_PARAMS / 1e6:.0f}M parameters), "
                     f"{PAPER_BIOS_PEOPLE:,} people, 80,000 pretraining steps × 96 sequences of "
-                    f"512 tokens ({_millions(paper_tokens)} tokens).", ""]
+                    f"512 tokens ({_short_count(paper_tokens)} tokens).", ""]
 
 
-def _millions(n: int) -> str:
+def _short_count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
