@@ -80,7 +80,7 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     from factlab.experiments.recipe import load_recipe
     from factlab.experiments.run import run_recipe
 
-    r = load_recipe("capacity", ["parallel=1", "only=w32-N2000-x100"])
+    r = load_recipe("capacity", ["parallel=1", "only=w32L4-N1000-x100"])
     cell = r.cells[0].model_copy(update={
         "world": r.cells[0].world.model_copy(update={"people": 20}),
         "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10})})
@@ -97,11 +97,34 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     assert "Knowledge capacity" in (tmp_path / "report.md").read_text()
 
 
-def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0):
+def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0, series=None):
     return {"cell": cell, "capacity": {
         "people": people, "params": params, "non_embedding_params": params // 2,
         "exposures": exposures, "bits": bits, "entropy_bits": entropy,
-        "fraction": bits / entropy, "bits_per_param": bits / params}}
+        "fraction": bits / entropy, "bits_per_param": bits / params, "series": series}}
+
+
+def test_a_series_is_the_same_training_but_for_its_length():
+    from factlab.experiments.capacity_report import saturation
+    from factlab.experiments.recipe import load_recipe
+    from factlab.experiments.stages import capacity_series
+
+    cell = load_recipe("capacity", ["only=w32L4-N1000-x100"]).cells[0]
+    longer = cell.model_copy(update={"pretrain": cell.pretrain.model_copy(
+        update={"steps": 9999, "log_every": 7})})
+    faster = cell.model_copy(update={"pretrain": cell.pretrain.model_copy(
+        update={"lr": cell.pretrain.lr * 2})})
+    assert capacity_series(longer) == capacity_series(cell) != capacity_series(faster)
+    # two learning rates at the same size and world are two series: the second's extra
+    # bits are not "more exposures raised it", nor its equal bits a saturation
+    rows = [_cap("slow-x100", 10_000, 100, series="s"), _cap("fast-x100", 20_000, 100,
+                                                               series="f"),
+            _cap("fast-x300", 20_500, 300, series="f")]
+    assert saturation(rows) == {"slow-x100": "unknown", "fast-x100": "saturated",
+                                "fast-x300": "saturated"}
+    # a rerun at the same exposure count is no evidence of saturation
+    rows = [_cap("a", 10_000, 100, series="s"), _cap("a-again", 10_100, 100, series="s")]
+    assert saturation(rows) == {"a": "unknown", "a-again": "unknown"}
 
 
 def test_saturation_labels_each_point_from_its_neighbours_in_exposures():

@@ -67,16 +67,20 @@ def test_not_a_run_directory(tmp_path):
 
 
 def test_capacity_runs_enter_the_table(tmp_path):
-    cap = {"w16-N1500-x100": {"capacity": {
+    cap = {"w32L4-N1000-x100": {"capacity": {
         "people": 1500, "params": 23_000, "non_embedding_params": 12_000, "exposures": 100,
         "bits": 10_000.0, "entropy_bits": 70_000.0, "fraction": 1 / 7,
         "bits_per_param": 10_000 / 23_000}}}
-    d = _run(tmp_path, "cap", "capacity", 0, {"w16-N1500-x100": 0.0}, cap)
+    d = _run(tmp_path, "cap", "capacity", 0, {"w32L4-N1000-x100": 0.0}, cap)
     text = "\n".join(reproduction_lines([load_run(d)]))
     assert "## Knowledge capacity (Part 3.3" in text
-    assert "| cap / w16-N1500-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
+    assert "| cap / w32L4-N1000-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
         "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
+    # a run none of whose cells finished is listed, not a crash
+    empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
+    text = "\n".join(reproduction_lines([load_run(empty)]))
+    assert "| `cap-empty` | capacity | 0 | no finished cell of the recipe |" in text
 
 
 def _probe(kind, tasks, head="tied"):

@@ -13,8 +13,9 @@ PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
 
 
 def saturation(rows: list[dict]) -> dict[str, str]:
-    """For each capacity cell (``{"cell", "capacity": {...}}``): ``saturated`` when the same
-    model size on the same world with fewer exposures stored within SATURATED_GAIN of its
+    """For each capacity cell (``{"cell", "capacity": {...}}``): ``saturated`` when a run of
+    its series (the same training but for its length: ``capacity["series"]``, from
+    ``stages.capacity_series``) with fewer exposures stored within SATURATED_GAIN of its
     bits (or one with more exposures stored no more), ``world-limited`` when it stores
     > 90% of its world, ``below capacity`` when a run with more exposures stores more by
     over SATURATED_GAIN, ``still rising`` for the most exposed run of a group whose bits
@@ -23,21 +24,25 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
-        by.setdefault((k["params"], k["people"]), []).append(r)
+        # one series: the same training but its length (results before the series key:
+        # the same parameter count and people)
+        by.setdefault((k["params"], k["people"], k.get("series")), []).append(r)
     out = {}
     for group in by.values():
         group.sort(key=lambda r: r["capacity"]["exposures"])
-        for i, r in enumerate(group):
+        for r in group:
             k = r["capacity"]
             if k["fraction"] is not None and k["fraction"] > 0.9:
                 out[r["cell"]] = "world-limited"
                 continue
-            later = [g["capacity"]["bits"] for g in group[i + 1:]]
+            e = k["exposures"]  # a rerun at the same exposures is no evidence either way
+            later = [g["capacity"]["bits"] for g in group if g["capacity"]["exposures"] > e]
+            before = [g for g in group if g["capacity"]["exposures"] < e]
             if k["bits"] < 1 and not any(b >= 1 for b in later):
                 # nothing stored, and no more exposures stored anything: not a capacity
                 out[r["cell"]] = "nothing stored"
                 continue
-            prev = group[i - 1]["capacity"]["bits"] if i else None
+            prev = before[-1]["capacity"]["bits"] if before else None
             if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
                 out[r["cell"]] = "below capacity"
             elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
@@ -88,9 +93,10 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
                      f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
                      f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
                      f"{state[r['cell']]} |")
-    lines += ["", "*state*: **saturated** — the same model on the same world stored within "
-              f"{100 * SATURATED_GAIN:.0f}% of these bits at another exposure count, so this "
-              "is its capacity; **below capacity** — more exposures stored more; **still rising** "
+    lines += ["", "*state*, from the runs of the same series (the same world, model and "
+              "optimiser settings; only the steps differ): **saturated** — a run at another "
+              f"exposure count stored within {100 * SATURATED_GAIN:.0f}% of these bits, so "
+              "this is its capacity; **below capacity** — more exposures stored more; **still rising** "
               "— the most exposures run, and still above the run before; "
               "**world-limited** — over 90% of the world stored, a lower bound; **nothing stored** "
               "— under 1 bit, and more exposures stored none either; **unknown** "

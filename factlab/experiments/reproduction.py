@@ -342,7 +342,11 @@ def _scale(runs: list[Run]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         done = {res["cell"] for res in r.results}
-        cells = [x for x in r.recipe.cells if x.name in done] or r.recipe.cells  # those run
+        cells = [x for x in r.recipe.cells if x.name in done]  # those run
+        if not cells or not r.results:
+            lines.append(f"| `{r.dir.name}` | {r.name} | 0 | no finished cell of the recipe "
+                         f"| | | | | | |")
+            continue
         c = cells[0]
         steps = sorted({x.pretrain.steps for x in cells})
         secs = [res["seconds"] for res in r.results]
