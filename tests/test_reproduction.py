@@ -77,6 +77,12 @@ def test_capacity_runs_enter_the_table(tmp_path):
     assert "| cap / w32L4-N1000-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
         "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
+    assert "| 192 |" in text and "| – | 192 |" in text  # capacity cells have no finetune
+    # a copy of the recipe under another name is a run of it
+    copy = _run(tmp_path, "cap-copy", "capacity", 0, {"w32L4-N1000-x100": 0.0}, cap,
+                overrides=["name=capacity-lr"])
+    text = "\n".join(reproduction_lines([load_run(copy)]))
+    assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
     # a run none of whose cells finished is listed, not a crash
     empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
     text = "\n".join(reproduction_lines([load_run(empty)]))

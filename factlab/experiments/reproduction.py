@@ -334,6 +334,16 @@ def _capacity(runs: list[Run]) -> list[str]:
         "The plot of bits against parameters: the run directory's `capacity.png`.", ""]
 
 
+def _finetune_scale(cells) -> str:
+    """steps x batch (mode) of the cells' QA finetune; – where none of them finetunes
+    (mixed training, capacity)."""
+    ft = [x for x in cells if "finetune" in x.stage_list()]
+    if not ft:
+        return "–"
+    c = ft[0].finetune
+    return f"{c.steps} × {c.batch_size} ({c.mode})"
+
+
 def _scale(runs: list[Run]) -> list[str]:
     lines = ["## Scale of every run", "",
              "| run | recipe | cells | people | parameters | pretrain steps × batch | "
@@ -359,7 +369,7 @@ def _scale(runs: list[Run]) -> list[str]:
                      f"{max(res['params'] for res in r.results):,} | "
                      f"{'/'.join(map(str, steps))} × {c.pretrain.batch_size} | "
                      f"{'/'.join(_short_count(t) for t in toks)} | "
-                     f"{c.finetune.steps} × {c.finetune.batch_size} ({c.finetune.mode}) | "
+                     f"{_finetune_scale(cells)} | "
                      f"{'/'.join(str(x) for x in sorted({x.model.context for x in cells}))} | "
                      f"{np.mean(secs) / 60:.1f} min |")
     paper_tokens = 80_000 * 96 * 512
@@ -409,8 +419,9 @@ def reproduction_lines(runs: list[Run]) -> list[str]:
     lines += _inverse(runs)
     lines += _probes(runs)
     lines += _capacity(runs)
+    # a copy of a shipped recipe (a YAML named e.g. capacity-lr) counts as a run of it
     missing = [n for n in ("fig3", "mixed", "celebrity", "reverse", "capacity")
-               if n not in names]
+               if not any(m == n or m.startswith(n + "-") for m in names)]
     if missing:
         lines += ["Not run here: " + ", ".join(f"`{n}`" for n in missing) + ".", ""]
     lines += _scale(runs)
