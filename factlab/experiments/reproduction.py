@@ -353,7 +353,7 @@ def _scale(runs: list[Run]) -> list[str]:
     for r in runs:
         done = {res["cell"] for res in r.results}
         cells = [x for x in r.recipe.cells if x.name in done]  # those run
-        if not cells or not r.results:
+        if not cells:  # no result of any cell of the recipe
             lines.append(f"| `{r.dir.name}` | {r.name} | 0 | no finished cell of the recipe "
                          f"| | | | | | |")
             continue
