@@ -97,11 +97,13 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     assert "Knowledge capacity" in (tmp_path / "report.md").read_text()
 
 
-def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0, series=None):
+def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0, series=None,
+         people_series=None):
     return {"cell": cell, "capacity": {
         "people": people, "params": params, "non_embedding_params": params // 2,
         "exposures": exposures, "bits": bits, "entropy_bits": entropy,
-        "fraction": bits / entropy, "bits_per_param": bits / params, "series": series}}
+        "fraction": bits / entropy, "bits_per_param": bits / params, "series": series,
+        "people_series": people_series}}
 
 
 def test_a_series_is_the_same_training_but_for_its_length():
@@ -125,6 +127,48 @@ def test_a_series_is_the_same_training_but_for_its_length():
     # a rerun at the same exposure count is no evidence of saturation
     rows = [_cap("a", 10_000, 100, series="s"), _cap("a-again", 10_100, 100, series="s")]
     assert saturation(rows) == {"a": "unknown", "a-again": "unknown"}
+    # over world sizes: the people and the steps differ, the rest is one series
+    bigger = cell.model_copy(update={
+        "world": cell.world.model_copy(update={"people": cell.world.people * 8}),
+        "pretrain": cell.pretrain.model_copy(update={"steps": cell.pretrain.steps * 8})})
+    assert capacity_series(bigger, over="people") == capacity_series(cell, over="people")
+    assert capacity_series(bigger) != capacity_series(cell)
+    assert capacity_series(faster, over="people") != capacity_series(cell, over="people")
+
+
+def test_capacity_at_a_number_of_exposures_is_reached_when_more_people_store_no_more():
+    from factlab.experiments.capacity_report import capacity_table, saturation
+
+    def at(cell, bits, people, exposures=100, ps="m", entropy=None):
+        return _cap(cell, bits, exposures, people=people, series=f"s{people}",
+                    people_series=ps, entropy=entropy or 47.0 * people)
+
+    # 1,000 -> 2,000 people at 100 exposures doubled the bits (the smaller world held the
+    # model back); 8,000 stored within 5% of 2,000's: that is the model's capacity there
+    rows = [at("n1k", 38_000, 1000), at("n2k", 71_000, 2000), at("n8k", 73_000, 8000)]
+    assert saturation(rows) == {"n1k": "below capacity (more people stored more)",
+                                "n2k": "at capacity for its exposures",
+                                "n8k": "at capacity for its exposures"}
+    # still rising with people: nothing says capacity
+    rows = [at("n1k", 38_000, 1000), at("n2k", 71_000, 2000), at("n8k", 150_000, 8000)]
+    assert saturation(rows) == {"n1k": "below capacity (more people stored more)",
+                                "n2k": "below capacity (more people stored more)",
+                                "n8k": "still rising with people"}
+    # another model (another people series) or another exposure count is not a neighbour
+    rows = [at("n2k", 71_000, 2000), at("n8k", 73_000, 8000, ps="other")]
+    assert saturation(rows) == {"n2k": "unknown", "n8k": "unknown"}
+    rows = [at("n2k", 71_000, 2000), at("n8k-x300", 73_000, 8000, exposures=300)]
+    assert saturation(rows) == {"n2k": "unknown", "n8k-x300": "unknown"}
+    # more exposures storing more outranks a plateau over people: the model could hold
+    # more, just not at 100 exposures
+    rows = [at("n2k", 71_000, 2000), at("n8k", 73_000, 8000),
+            _cap("n8k-x300", 120_000, 300, people=8000, series="s8000", people_series="m",
+                 entropy=47.0 * 8000)]
+    got = saturation(rows)
+    assert got["n8k"] == "below capacity" and got["n2k"] == "at capacity for its exposures"
+    text = "\n".join(capacity_table([at("n1k", 38_000, 1000), at("n2k", 71_000, 2000),
+                                     at("n8k", 73_000, 8000)]))
+    assert "| at capacity for its exposures |" in text
 
 
 def test_saturation_labels_each_point_from_its_neighbours_in_exposures():

@@ -12,47 +12,89 @@ SATURATED_GAIN = 0.05
 PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
 
 
+def _along(group: list[dict], axis: str) -> dict[str, str]:
+    """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``):
+    ``below`` when a run further along stored more by over SATURATED_GAIN, ``saturated``
+    when the run before it stored within SATURATED_GAIN of its bits (or one further along
+    stored no more), ``rising`` for the furthest run when it is above the one before,
+    ``unknown`` with no run at another point of the axis. A rerun at the same point is no
+    evidence either way."""
+    out = {}
+    group = sorted(group, key=lambda r: r["capacity"][axis])
+    for r in group:
+        k = r["capacity"]
+        later = [g["capacity"]["bits"] for g in group if g["capacity"][axis] > k[axis]]
+        before = [g for g in group if g["capacity"][axis] < k[axis]]
+        prev = before[-1]["capacity"]["bits"] if before else None
+        if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
+            out[r["cell"]] = "below"
+        elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
+            out[r["cell"]] = "saturated"
+        elif later:  # further along stored no more: this point is at capacity
+            out[r["cell"]] = "saturated"
+        else:
+            out[r["cell"]] = "rising" if prev is not None else "unknown"
+    return out
+
+
 def saturation(rows: list[dict]) -> dict[str, str]:
-    """For each capacity cell (``{"cell", "capacity": {...}}``): ``saturated`` when a run of
-    its series (the same training but for its length: ``capacity["series"]``, from
-    ``stages.capacity_series``) with fewer exposures stored within SATURATED_GAIN of its
-    bits (or one with more exposures stored no more), ``world-limited`` when it stores
-    > 90% of its world, ``below capacity`` when a run with more exposures stores more by
-    over SATURATED_GAIN, ``still rising`` for the most exposed run of a group whose bits
-    still rose, ``nothing stored`` (< 1 bit, and no run with more exposures stored any),
-    ``unknown`` with no run at another exposure count."""
+    """For each capacity cell (``{"cell", "capacity": {...}}``), whether it measured the
+    model's capacity, from the runs beside it on two axes:
+
+    - more exposures, among the runs of its series (the same training but for its length:
+      ``capacity["series"]``, from ``stages.capacity_series``);
+    - more people at the same exposures, among the runs of its series over world sizes
+      (``capacity["people_series"]``, ``capacity_series(cell, over="people")``): the
+      paper's capacity at a number of exposures is what a model stores once a larger world
+      no longer raises it.
+
+    ``world-limited`` when it stores > 90% of its world; ``nothing stored`` (< 1 bit, and
+    no run with more exposures stored any); ``below capacity`` when a run with more
+    exposures stored more by over SATURATED_GAIN, ``below capacity (more people stored
+    more)`` when a run of a larger world at its exposures did; ``saturated`` when a run
+    with fewer exposures stored within SATURATED_GAIN of its bits (or one with more stored
+    no more); ``at capacity for its exposures`` when the same holds over people; ``still
+    rising`` for the most exposed run of a series whose bits still rose (``still rising
+    with people``: the largest world of its series over people); ``unknown``
+    with no run at another exposure count or world size."""
     by: dict[tuple, list[dict]] = {}
+    wide: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
         # one series: the same training but its length (results before the series key:
         # the same parameter count and people)
         by.setdefault((k["params"], k["people"], k.get("series")), []).append(r)
-    out = {}
+        if k.get("people_series"):  # exposures equal to two significant figures
+            wide.setdefault((k["people_series"], float(f"{k['exposures']:.2g}")),
+                            []).append(r)
+    exp, ppl = {}, {}
     for group in by.values():
-        group.sort(key=lambda r: r["capacity"]["exposures"])
-        for r in group:
-            k = r["capacity"]
-            if k["fraction"] is not None and k["fraction"] > 0.9:
-                out[r["cell"]] = "world-limited"
-                continue
-            e = k["exposures"]  # a rerun at the same exposures is no evidence either way
-            later = [g["capacity"]["bits"] for g in group if g["capacity"]["exposures"] > e]
-            before = [g for g in group if g["capacity"]["exposures"] < e]
-            if k["bits"] < 1 and not any(b >= 1 for b in later):
-                # nothing stored, and no more exposures stored anything: not a capacity
-                out[r["cell"]] = "nothing stored"
-                continue
-            prev = before[-1]["capacity"]["bits"] if before else None
-            if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
-                out[r["cell"]] = "below capacity"
-            elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
-                out[r["cell"]] = "saturated"
-            elif later:  # more exposures did not raise it: this point is at capacity
-                out[r["cell"]] = "saturated"
-            elif prev is not None:  # the most exposures, still above the run before
-                out[r["cell"]] = "still rising"
-            else:
-                out[r["cell"]] = "unknown"
+        exp.update(_along(group, "exposures"))
+    for group in wide.values():
+        ppl.update(_along(group, "people"))
+    out = {}
+    for r in rows:
+        k, name = r["capacity"], r["cell"]
+        e, p = exp[name], ppl.get(name, "unknown")
+        later = [g["capacity"]["bits"] for g in by[(k["params"], k["people"], k.get("series"))]
+                 if g["capacity"]["exposures"] > k["exposures"]]
+        if k["fraction"] is not None and k["fraction"] > 0.9:
+            out[name] = "world-limited"
+        elif k["bits"] < 1 and not any(b >= 1 for b in later):
+            # nothing stored, and no more exposures stored anything: not a capacity
+            out[name] = "nothing stored"
+        elif e == "below":
+            out[name] = "below capacity"
+        elif p == "below":
+            out[name] = "below capacity (more people stored more)"
+        elif e == "saturated":
+            out[name] = "saturated"
+        elif p == "saturated":
+            out[name] = "at capacity for its exposures"
+        elif e == "rising":
+            out[name] = "still rising"
+        else:
+            out[name] = "still rising with people" if p == "rising" else "unknown"
     return out
 
 
@@ -93,14 +135,20 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
                      f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
                      f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
                      f"{state[r['cell']]} |")
-    lines += ["", "*state*, from the runs of the same series (the same world, model and "
-              "optimiser settings; only the steps differ): **saturated** — a run at another "
-              f"exposure count stored within {100 * SATURATED_GAIN:.0f}% of these bits, so "
-              "this is its capacity; **below capacity** — more exposures stored more; **still rising** "
-              "— the most exposures run, and still above the run before; "
-              "**world-limited** — over 90% of the world stored, a lower bound; **nothing stored** "
-              "— under 1 bit, and more exposures stored none either; **unknown** "
-              "— no run of it at another exposure count.", ""]
+    lines += ["", "*state*, from the runs beside it: its series over exposures (the same "
+              "world, model and optimiser settings; only the steps differ) and over people "
+              "(the same but for the world's size, at the same exposures). **saturated** — a "
+              f"run at another exposure count stored within {100 * SATURATED_GAIN:.0f}% of "
+              "these bits, so this is its capacity; **at capacity for its exposures** — a "
+              "larger (or smaller) world at these exposures stored within "
+              f"{100 * SATURATED_GAIN:.0f}% of them (the paper's capacity at a number of "
+              "exposures); **below capacity** — more exposures stored more (*more people "
+              "stored more*: a larger world at the same exposures did); **still rising** — "
+              "the most exposures run, and still above the run before (*with people*: the "
+              "largest world, above the smaller one); **world-limited** — "
+              "over 90% of the world stored, a lower bound; **nothing stored** — under 1 bit, "
+              "and more exposures stored none either; **unknown** — no run of it at another "
+              "exposure count or world size.", ""]
     return lines
 
 

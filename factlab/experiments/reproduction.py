@@ -326,8 +326,18 @@ def _result5(pairs: list[tuple[float | None, float]]) -> str:
 def _capacity(runs: list[Run]) -> list[str]:
     from factlab.experiments.capacity_report import capacity_table
 
-    rows = [dict(res, cell=f"{r.dir.name} / {res['cell']}") for r in runs for res in r.results
-            if res.get("capacity")]
+    from factlab.experiments.stages import capacity_series
+
+    rows = []
+    for r in runs:
+        for res in r.results:
+            if not res.get("capacity"):
+                continue
+            cap, cell = dict(res["capacity"]), r.cell(res["cell"])
+            if "people_series" not in cap and cell is not None:
+                # results from before the key: the run's recipe gives it
+                cap["people_series"] = capacity_series(cell, over="people")
+            rows.append(dict(res, cell=f"{r.dir.name} / {res['cell']}", capacity=cap))
     if not rows:
         return []
     return capacity_table(rows, "## Knowledge capacity (Part 3.3, `capacity`)") + [

@@ -179,18 +179,21 @@ def _capacity_section(out, recipe, results, cells):
     return capacity_section(out, results, cells)
 
 
-def capacity_series(cell) -> str:
-    """What makes two capacity cells points of one series over exposures: everything that
-    shapes the pretraining but its length (world, tokenizer, model, packing, and the
-    optimiser's settings but steps and logging), as a short hash. Cells of one series
-    differ only in steps; a run at another learning rate is another model, not another
-    exposure count (capacity_report.saturation)."""
+def capacity_series(cell, over: str = "exposures") -> str:
+    """What makes two capacity cells points of one series: everything that shapes the
+    pretraining but its length (world, tokenizer, model, packing, and the optimiser's
+    settings but steps and logging), as a short hash. Cells of one series differ only in
+    steps; a run at another learning rate is another model, not another exposure count
+    (capacity_report.saturation). ``over="people"``: the series over world sizes, which
+    leaves out the number of people too (its cells differ in people and in the steps that
+    keep their exposures)."""
     import hashlib
     import json
 
     train = cell.pretrain.model_dump(mode="json", exclude={
         "steps", "log_every", "eval_every", "ckpt_every", "ckpt_minutes"})
-    key = {"world": cell.world.model_dump(mode="json"),
+    world = cell.world.model_dump(mode="json", exclude={"people"} if over == "people" else None)
+    key = {"world": world,
            "tokenizer": cell.tokenizer.model_dump(mode="json"),
            "model": cell.model.model_dump(mode="json", exclude={"threads"}),
            "packing": cell.packing, "pretrain": train}
@@ -230,7 +233,8 @@ def capacity(run: CellRun) -> None:
             r * c.model.context / int(run.enc_docs.lengths.sum()) * len(docs) / n_people
     got.update(params=params, non_embedding_params=params - emb, exposures=views,
                rows=rows, people=n_people, bits_per_param=bits_per_parameter(got["bits"], params),
-               series=capacity_series(c))
+               series=capacity_series(c),
+               people_series=capacity_series(c, over="people"))
     run.result["capacity"] = got
     _log(f"{run.tag} capacity: {got['bits']:,.0f} of {got['entropy_bits']:,.0f} bits "
          f"({got['bits_per_param']:.3f} bits/parameter, {views:.0f} exposures)")
