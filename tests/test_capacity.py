@@ -149,6 +149,14 @@ def test_capacity_at_a_number_of_exposures_is_reached_when_more_people_store_no_
     assert saturation(rows) == {"n1k": "below capacity (more people stored more)",
                                 "n2k": "at capacity for its exposures",
                                 "n8k": "at capacity for its exposures"}
+    # one seed's scatter on the plateau: the low 4,000-person point is below the capacity
+    # that 8,000 found, and does not make 8,000 "rising" (it is within 5% of 2,000's)
+    rows = [at("n1k", 38_274, 1000), at("n2k", 71_662, 2000), at("n4k", 65_955, 4000),
+            at("n8k", 73_933, 8000)]
+    assert saturation(rows) == {"n1k": "below capacity (more people stored more)",
+                                "n2k": "at capacity for its exposures",
+                                "n4k": "below capacity (more people stored more)",
+                                "n8k": "at capacity for its exposures"}
     # still rising with people: nothing says capacity
     rows = [at("n1k", 38_000, 1000), at("n2k", 71_000, 2000), at("n8k", 150_000, 8000)]
     assert saturation(rows) == {"n1k": "below capacity (more people stored more)",

@@ -15,17 +15,18 @@ PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
 def _along(group: list[dict], axis: str) -> dict[str, str]:
     """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``):
     ``below`` when a run further along stored more by over SATURATED_GAIN, ``saturated``
-    when the run before it stored within SATURATED_GAIN of its bits (or one further along
-    stored no more), ``rising`` for the furthest run when it is above the one before,
-    ``unknown`` with no run at another point of the axis. A rerun at the same point is no
-    evidence either way."""
+    when it stores within SATURATED_GAIN of the most that a run before it stored, or less
+    (or one further along stored no more), ``rising`` for the furthest run when it is
+    above every run before, ``unknown`` with no run at another point of the axis. A rerun
+    at the same point is no evidence either way. Against the best run before, not the
+    last: one low point (a single seed's scatter) does not make the next one "rising"."""
     out = {}
     group = sorted(group, key=lambda r: r["capacity"][axis])
     for r in group:
         k = r["capacity"]
         later = [g["capacity"]["bits"] for g in group if g["capacity"][axis] > k[axis]]
-        before = [g for g in group if g["capacity"][axis] < k[axis]]
-        prev = before[-1]["capacity"]["bits"] if before else None
+        before = [g["capacity"]["bits"] for g in group if g["capacity"][axis] < k[axis]]
+        prev = max(before) if before else None
         if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
             out[r["cell"]] = "below"
         elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
@@ -51,9 +52,9 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     ``world-limited`` when it stores > 90% of its world; ``nothing stored`` (< 1 bit, and
     no run with more exposures stored any); ``below capacity`` when a run with more
     exposures stored more by over SATURATED_GAIN, ``below capacity (more people stored
-    more)`` when a run of a larger world at its exposures did; ``saturated`` when a run
-    with fewer exposures stored within SATURATED_GAIN of its bits (or one with more stored
-    no more); ``at capacity for its exposures`` when the same holds over people; ``still
+    more)`` when a run of a larger world at its exposures did; ``saturated`` when no run
+    with fewer exposures stored less by over SATURATED_GAIN (or one with more stored no
+    more); ``at capacity for its exposures`` when the same holds over people; ``still
     rising`` for the most exposed run of a series whose bits still rose (``still rising
     with people``: the largest world of its series over people); ``unknown``
     with no run at another exposure count or world size."""
@@ -135,20 +136,21 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
                      f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
                      f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
                      f"{state[r['cell']]} |")
+    g = f"{100 * SATURATED_GAIN:.0f}%"
     lines += ["", "*state*, from the runs beside it: its series over exposures (the same "
               "world, model and optimiser settings; only the steps differ) and over people "
-              "(the same but for the world's size, at the same exposures). **saturated** — a "
-              f"run at another exposure count stored within {100 * SATURATED_GAIN:.0f}% of "
-              "these bits, so this is its capacity; **at capacity for its exposures** — a "
-              "larger (or smaller) world at these exposures stored within "
-              f"{100 * SATURATED_GAIN:.0f}% of them (the paper's capacity at a number of "
-              "exposures); **below capacity** — more exposures stored more (*more people "
-              "stored more*: a larger world at the same exposures did); **still rising** — "
-              "the most exposures run, and still above the run before (*with people*: the "
-              "largest world, above the smaller one); **world-limited** — "
-              "over 90% of the world stored, a lower bound; **nothing stored** — under 1 bit, "
-              "and more exposures stored none either; **unknown** — no run of it at another "
-              "exposure count or world size.", ""]
+              "(the same but for the world's size, at the same exposures). **saturated** — "
+              f"no run with more exposures stored {g} more, and one with fewer already "
+              f"stored within {g} of these bits (or one with more stored no more): this is "
+              "its capacity; **at capacity for its exposures** — the same over world sizes "
+              "at these exposures (the paper's capacity at a number of exposures); **below "
+              f"capacity** — more exposures stored over {g} more (*more people stored more*: "
+              "a larger world at the same exposures did); **still rising** — the most "
+              f"exposures run, over {g} above every run before (*with people*: the largest "
+              "world, above every smaller one); **world-limited** — over 90% of the world "
+              "stored, a lower bound; **nothing stored** — under 1 bit, and more exposures "
+              "stored none either; **unknown** — no run of it at another exposure count or "
+              "world size.", ""]
     return lines
 
 
