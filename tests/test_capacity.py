@@ -93,6 +93,11 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     assert res["entropy_bits"] == pytest.approx(20 * per_person)
     assert 0 <= res["bits"] <= res["entropy_bits"]
     assert res["bits_per_param"] == pytest.approx(res["bits"] / res["params"])
+    # the keys that place it among its neighbours over exposures and over world sizes
+    from factlab.experiments.stages import capacity_series
+
+    assert res["series"] == capacity_series(cell)
+    assert res["people_series"] == capacity_series(cell, over="people") != res["series"]
     assert (tmp_path / "capacity.png").is_file()
     assert "Knowledge capacity" in (tmp_path / "report.md").read_text()
 

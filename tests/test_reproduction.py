@@ -83,6 +83,20 @@ def test_capacity_runs_enter_the_table(tmp_path):
                 overrides=["name=capacity-lr"])
     text = "\n".join(reproduction_lines([load_run(copy)]))
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
+    # results from before people_series: the run's recipe gives it, so the 1,000- and
+    # 2,000-person cells of one model at 100 exposures are neighbours over people
+    def old(people, bits):
+        return {"capacity": {"people": people, "params": 116_416,
+                             "non_embedding_params": 83_648, "exposures": 100,
+                             "bits": bits, "entropy_bits": 46.6 * people,
+                             "fraction": bits / (46.6 * people), "bits_per_param": 0.0}}
+    both = _run(tmp_path, "cap-both", "capacity", 0,
+                {"w32L4-N1000-x100": 0.0, "w32L4-N2000-x100": 0.0},
+                {"w32L4-N1000-x100": old(1000, 10_000.0),
+                 "w32L4-N2000-x100": old(2000, 20_000.0)})
+    text = "\n".join(reproduction_lines([load_run(both)]))
+    assert "| below capacity (more people stored more) |" in text
+    assert "| still rising with people |" in text
     # a run none of whose cells finished is listed, not a crash
     empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
     text = "\n".join(reproduction_lines([load_run(empty)]))
