@@ -97,6 +97,22 @@ def test_capacity_runs_enter_the_table(tmp_path):
     text = "\n".join(reproduction_lines([load_run(both)]))
     assert "| below capacity (more people stored more) |" in text
     assert "| still rising with people |" in text
+    # two seeds of one point, run apart, whose stored keys (the rule before seeds were
+    # left out) differ: the recipe's keys pool them, and their mean (15,000) is within 5%
+    # of the 2,000-person world's 15,500 -- judged alone, the 10,000-bit seed would read
+    # "more people stored more"
+    def keyed(people, bits, stale):
+        res = old(people, bits)
+        res["capacity"].update(series=stale, people_series=stale)
+        return res
+    s0 = _run(tmp_path, "cap-s0", "capacity", 0,
+              {"w32L4-N1000-x100": 0.0, "w32L4-N2000-x100": 0.0},
+              {"w32L4-N1000-x100": keyed(1000, 20_000.0, "seed0"),
+               "w32L4-N2000-x100": keyed(2000, 15_500.0, "seed0")})
+    s1 = _run(tmp_path, "cap-s1", "capacity", 1, {"w32L4-N1000-x100": 0.0},
+              {"w32L4-N1000-x100": keyed(1000, 10_000.0, "seed1")})
+    text = "\n".join(reproduction_lines([load_run(s0), load_run(s1)]))
+    assert text.count("| at capacity for its exposures |") == 3, text
     # a run none of whose cells finished is listed, not a crash
     empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
     text = "\n".join(reproduction_lines([load_run(empty)]))

@@ -13,28 +13,33 @@ PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
 
 
 def _along(group: list[dict], axis: str) -> dict[str, str]:
-    """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``):
-    ``below`` when a run further along stored more by over SATURATED_GAIN, ``saturated``
-    when it stores within SATURATED_GAIN of the most that a run before it stored, or less
-    (or one further along stored no more), ``rising`` for the furthest run when it is
-    above every run before, ``unknown`` with no run at another point of the axis. A rerun
-    at the same point is no evidence either way. Against the best run before, not the
-    last: one low point (a single seed's scatter) does not make the next one "rising"."""
-    out = {}
-    group = sorted(group, key=lambda r: r["capacity"][axis])
+    """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``).
+    Runs at one point of the axis (other seeds) are pooled: the point's bits are their
+    mean, and every run of it gets the point's label. ``below`` when a point further along
+    stored more by over SATURATED_GAIN, ``saturated`` when it stores within
+    SATURATED_GAIN of the most that a point before it stored, or less (or one further
+    along stored no more), ``rising`` for the furthest point when it is above every point
+    before, ``unknown`` with no other point on the axis (a rerun at the same point is no
+    evidence either way). Against the best point before, not the last: one low point
+    (a single seed's scatter) does not make the next one "rising"."""
+    runs: dict[float, list[dict]] = {}
     for r in group:
-        k = r["capacity"]
-        later = [g["capacity"]["bits"] for g in group if g["capacity"][axis] > k[axis]]
-        before = [g["capacity"]["bits"] for g in group if g["capacity"][axis] < k[axis]]
+        runs.setdefault(r["capacity"][axis], []).append(r)
+    mean = {x: sum(r["capacity"]["bits"] for r in rs) / len(rs) for x, rs in runs.items()}
+    out = {}
+    for x, rs in runs.items():
+        later = [b for y, b in mean.items() if y > x]
+        before = [b for y, b in mean.items() if y < x]
         prev = max(before) if before else None
-        if later and max(later) > k["bits"] * (1 + SATURATED_GAIN):
-            out[r["cell"]] = "below"
-        elif prev is not None and k["bits"] <= prev * (1 + SATURATED_GAIN):
-            out[r["cell"]] = "saturated"
+        if later and max(later) > mean[x] * (1 + SATURATED_GAIN):
+            label = "below"
+        elif prev is not None and mean[x] <= prev * (1 + SATURATED_GAIN):
+            label = "saturated"
         elif later:  # further along stored no more: this point is at capacity
-            out[r["cell"]] = "saturated"
+            label = "saturated"
         else:
-            out[r["cell"]] = "rising" if prev is not None else "unknown"
+            label = "rising" if prev is not None else "unknown"
+        out.update({r["cell"]: label for r in rs})
     return out
 
 
@@ -57,7 +62,8 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     more); ``at capacity for its exposures`` when the same holds over people; ``still
     rising`` for the most exposed run of a series whose bits still rose (``still rising
     with people``: the largest world of its series over people); ``unknown``
-    with no run at another exposure count or world size."""
+    with no run at another exposure count or world size. Runs that differ only in their
+    seeds are one point: compared by their mean."""
     by: dict[tuple, list[dict]] = {}
     wide: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -150,7 +156,8 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
               "world, above every smaller one); **world-limited** — over 90% of the world "
               "stored, a lower bound; **nothing stored** — under 1 bit, and more exposures "
               "stored none either; **unknown** — no run of it at another exposure count or "
-              "world size.", ""]
+              "world size. Runs at other seeds of one point are pooled: its state is "
+              "judged on their mean.", ""]
     return lines
 
 

@@ -334,8 +334,10 @@ def _capacity(runs: list[Run]) -> list[str]:
             if not res.get("capacity"):
                 continue
             cap, cell = dict(res["capacity"]), r.cell(res["cell"])
-            if "people_series" not in cap and cell is not None:
-                # results from before the key: the run's recipe gives it
+            if cell is not None:
+                # the keys from the run's recipe with this factlab's rule (results from
+                # before a key, or from before seeds were left out of it)
+                cap["series"] = capacity_series(cell)
                 cap["people_series"] = capacity_series(cell, over="people")
             rows.append(dict(res, cell=f"{r.dir.name} / {res['cell']}", capacity=cap))
     if not rows:

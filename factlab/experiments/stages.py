@@ -186,13 +186,15 @@ def capacity_series(cell, over: str = "exposures") -> str:
     steps; a run at another learning rate is another model, not another exposure count
     (capacity_report.saturation). ``over="people"``: the series over world sizes, which
     leaves out the number of people too (its cells differ in people and in the steps that
-    keep their exposures)."""
+    keep their exposures). Seeds (the world's draw, the run's) are left out too: a run at
+    another seed is another measurement of the same point, pooled with it (its mean)."""
     import hashlib
     import json
 
     train = cell.pretrain.model_dump(mode="json", exclude={
-        "steps", "log_every", "eval_every", "ckpt_every", "ckpt_minutes"})
-    world = cell.world.model_dump(mode="json", exclude={"people"} if over == "people" else None)
+        "steps", "log_every", "eval_every", "ckpt_every", "ckpt_minutes", "seed"})
+    world = cell.world.model_dump(
+        mode="json", exclude={"seed", "people"} if over == "people" else {"seed"})
     key = {"world": world,
            "tokenizer": cell.tokenizer.model_dump(mode="json"),
            "model": cell.model.model_dump(mode="json", exclude={"threads"}),
