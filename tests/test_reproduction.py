@@ -228,3 +228,20 @@ def test_ordering_uses_one_setting_per_cell_and_names_the_others(tmp_path):
                if ln.startswith("| single (9.7) | multi5+permute (96.6)"))
     assert "+74.0" in row and "| yes |" in row
     assert "left out: single (pretrain.steps=9000), multi5+permute (pretrain.steps=9000)." in text
+
+
+def test_a_copy_named_after_a_recipe_joins_its_table(tmp_path):
+    # a YAML copy of `mixed` renamed mixed-long (another setting) is a run of `mixed`: its
+    # cells enter the mixed table beside the recipe's own runs; the scale table keeps
+    # the copy's name
+    own = _run(tmp_path, "mixed", "mixed", 0, {"qa_r=0.8": 0.11})
+    copy = _run(tmp_path, "mixed-long", "mixed", 0, {"qa_r=0.8": 0.16},
+                overrides=["name=mixed-long", "pretrain.weight_decay=0.3",
+                           "pretrain.eval_every=777", "pretrain.log_every=33"])
+    text = "\n".join(reproduction_lines([load_run(own), load_run(copy)]))
+    mixed = text.split("## Mixed training")[1].split("\n## ")[0]
+    assert "**11.0**" in mixed and "**16.0**" in mixed, mixed
+    # how often a run evaluates or logs is no setting of the experiment
+    assert "qa_r=0.8 (pretrain.weight_decay=0.3) |" in mixed, mixed
+    assert "| `mixed-long` | mixed-long | 1 |" in text
+    assert "`mixed`" not in text.split("Not run here:")[1].splitlines()[0]
