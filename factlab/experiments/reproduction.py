@@ -22,6 +22,7 @@ from factlab.experiments.paper import (PAPER_OOD_MEAN, PAPER_P_PROBE_NOTE, PAPER
                                        paper_inverse_note)
 from factlab.experiments.report import bio_memorised
 from factlab.io import atomic_write_text
+from factlab.train.config import CADENCE_FIELDS
 
 # pairs of Figure 3 cells the paper puts at least this many points apart must keep their
 # order on the mean over seeds; closer pairs are reported with their spread. A measured
@@ -100,8 +101,7 @@ def _cells(runs: list[Run], recipe: str, cell: str) -> list[tuple[Run, dict]]:
 # table averages over; threads, evaluation batch sizes and how often a run logs,
 # evaluates or checkpoints change only the speed and the record; the probe stage reads the
 # pretrained model without changing it
-NOT_A_SETTING = {"seed", "threads", "name", "probe", "batch_size@eval", "log_every",
-                 "eval_every", "ckpt_every", "ckpt_minutes"}
+NOT_A_SETTING = {"seed", "threads", "name", "probe", "batch_size@eval", *CADENCE_FIELDS}
 
 
 def _flat(d, prefix: str = "") -> dict[str, object]:
@@ -438,9 +438,8 @@ def reproduction_lines(runs: list[Run]) -> list[str]:
     lines += _inverse(runs)
     lines += _probes(runs)
     lines += _capacity(runs)
-    # a copy of a shipped recipe (a YAML named e.g. capacity-lr) counts as a run of it
-    missing = [n for n in ("fig3", "mixed", "celebrity", "reverse", "capacity")
-               if not any(m == n or m.startswith(n + "-") for m in names)]
+    # the quickstart is no paper result of its own; a copy of a recipe counts (Run.name)
+    missing = [n for n in SHIPPED if n != "quickstart" and n not in names]
     if missing:
         lines += ["Not run here: " + ", ".join(f"`{n}`" for n in missing) + ".", ""]
     lines += _scale(runs)

@@ -191,8 +191,10 @@ def capacity_series(cell, over: str = "exposures") -> str:
     import hashlib
     import json
 
-    train = cell.pretrain.model_dump(mode="json", exclude={
-        "steps", "log_every", "eval_every", "ckpt_every", "ckpt_minutes", "seed"})
+    from factlab.train.config import CADENCE_FIELDS
+
+    train = cell.pretrain.model_dump(mode="json",
+                                     exclude={"steps", "seed", *CADENCE_FIELDS})
     world = cell.world.model_dump(
         mode="json", exclude={"seed", "people"} if over == "people" else {"seed"})
     key = {"world": world,

@@ -17,6 +17,12 @@ def check_precision(v: str) -> str:
     return v
 
 
+# TrainConfig fields that set how often a run logs, evaluates and checkpoints: they change
+# its record and its speed, not what it trains (runs differing only in them are one
+# experiment: the capacity series key, the reproduction table's settings)
+CADENCE_FIELDS = frozenset({"log_every", "eval_every", "ckpt_every", "ckpt_minutes"})
+
+
 class TrainConfig(Strict):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1, description="sequences per optimizer step (all processes)")
