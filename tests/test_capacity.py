@@ -248,3 +248,21 @@ def test_saturation_labels_each_point_from_its_neighbours_in_exposures():
     assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000 |" in text
     assert "≈ 1 (100 exposures) | below capacity |" in text
     assert "≈ 2 (1,000 exposures) | still rising |" in text
+
+
+def test_the_table_pools_each_points_seeds_into_its_mean_and_spread():
+    from factlab.experiments.capacity_report import capacity_table, points
+
+    # the measured seeds (2026-12-07): three at 2,000 people, one at 8,000, and a run of
+    # another series (another learning rate) at 2,000 that is not pooled with them
+    rows = [_at("n8k", 73_933, 8000), _at("n2k-s0", 71_662, 2000),
+            _at("n2k-s1", 56_188, 2000), _at("n2k-s2", 61_619, 2000),
+            _cap("n2k-fast", 80_000, 100, people=2000, series="other", entropy=94_000.0)]
+    got = [[r["cell"] for r in rs] for rs in points(rows)]
+    assert got == [["n2k-s0", "n2k-s1", "n2k-s2"], ["n2k-fast"], ["n8k"]]
+    text = "\n".join(capacity_table(rows))
+    assert ("| n2k-s0 | 3 | 2,000 | 23,000 | 100 | **63,156** ± 7,737 | 71,662, 56,188, 61,619 "
+            "| 67.2% | 2.746 | below capacity (more people stored more) |") in text
+    assert "| n8k | 1 | 8,000 | 23,000 | 100 | **73,933** | 73,933 |" in text
+    # every run alone: the per-run table says it all
+    assert "runs pooled" not in "\n".join(capacity_table(rows[:2]))

@@ -105,6 +105,46 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     return out
 
 
+def points(rows: list[dict]) -> list[list[dict]]:
+    """The runs of each point: one series (the same training but its seeds) at one
+    exposure count, the pooling ``saturation`` judges on. Ordered by parameters, people and
+    exposures; runs in the order given."""
+    by: dict[tuple, list[dict]] = {}
+    for r in rows:
+        k = r["capacity"]
+        by.setdefault((k["params"], k["people"], k.get("series"), k["exposures"]),
+                      []).append(r)
+    return sorted(by.values(), key=lambda rs: (rs[0]["capacity"]["params"],
+                                               rs[0]["capacity"]["people"],
+                                               rs[0]["capacity"]["exposures"]))
+
+
+def points_table(rows: list[dict]) -> list[str]:
+    """Each point with its runs pooled (mean and half the range of the bits stored), when
+    some point has more than one run: the numbers its state was judged on."""
+    pts = points(rows)
+    if all(len(rs) < 2 for rs in pts):
+        return []
+    state = saturation(rows)
+    lines = ["Each point, its runs pooled (runs that differ only in their seeds; ± half the "
+             "range):", "",
+             "| point | runs | people | parameters | exposures | **bits stored** (mean) | "
+             "each run | stored / entropy | bits/parameter | state |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rs in pts:
+        k = rs[0]["capacity"]
+        bits = [r["capacity"]["bits"] for r in rs]
+        mean = sum(bits) / len(bits)
+        spread = f" ± {(max(bits) - min(bits)) / 2:,.0f}" if len(bits) > 1 else ""
+        states = dict.fromkeys(state[r["cell"]] for r in rs)
+        lines.append(f"| {rs[0]['cell']} | {len(rs)} | {k['people']:,} | {k['params']:,} | "
+                     f"{k['exposures']:.0f} | **{mean:,.0f}**{spread} | "
+                     f"{', '.join(f'{b:,.0f}' for b in bits)} | "
+                     f"{100 * mean / k['entropy_bits']:.1f}% | {mean / k['params']:.3f} | "
+                     f"{'; '.join(states)} |")
+    return lines + [""]
+
+
 def paper_line(exposures: float) -> str:
     """The paper's bits/parameter at the nearest of its exposure levels (log scale)."""
     import math
@@ -158,7 +198,7 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
               "stored none either; **unknown** — no run of it at another exposure count or "
               "world size. Runs at other seeds of one point are pooled: its state is "
               "judged on their mean.", ""]
-    return lines
+    return lines + points_table(rows)
 
 
 def _plot(out: Path, rows: list[dict]) -> Path:
