@@ -112,7 +112,11 @@ def test_capacity_runs_enter_the_table(tmp_path):
     s1 = _run(tmp_path, "cap-s1", "capacity", 1, {"w32L4-N1000-x100": 0.0},
               {"w32L4-N1000-x100": keyed(1000, 10_000.0, "seed1")})
     text = "\n".join(reproduction_lines([load_run(s0), load_run(s1)]))
-    assert text.count("| at capacity for its exposures |") == 3, text
+    runs, pooled = text.split("Each point, its runs pooled")
+    assert runs.count("| at capacity for its exposures |") == 3, text
+    # the points table: the two seeds as one point, their mean and half-range
+    assert "| 2 | 1,000 | 116,416 | 100 | **15,000** ± 5,000 | 20,000, 10,000 |" in pooled
+    assert pooled.count("| at capacity for its exposures |") == 2
     # a run none of whose cells finished is listed, not a crash
     empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
     text = "\n".join(reproduction_lines([load_run(empty)]))
