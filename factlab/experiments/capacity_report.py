@@ -12,6 +12,12 @@ SATURATED_GAIN = 0.05
 PAPER_BITS_PER_PARAM = {100: 1.0, 1000: 2.0}
 
 
+def _series(k: dict) -> tuple:
+    """One series over exposures: the same training but its length and seeds (results
+    from before the series key: the same parameter count and people)."""
+    return k["params"], k["people"], k.get("series")
+
+
 def _along(group: list[dict], axis: str) -> dict[str, str]:
     """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``).
     Runs at one point of the axis (other seeds) are pooled: the point's bits are their
@@ -68,9 +74,7 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     wide: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
-        # one series: the same training but its length (results before the series key:
-        # the same parameter count and people)
-        by.setdefault((k["params"], k["people"], k.get("series")), []).append(r)
+        by.setdefault(_series(k), []).append(r)
         if k.get("people_series"):  # exposures equal to two significant figures
             wide.setdefault((k["people_series"], float(f"{k['exposures']:.2g}")),
                             []).append(r)
@@ -83,7 +87,7 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     for r in rows:
         k, name = r["capacity"], r["cell"]
         e, p = exp[name], ppl.get(name, "unknown")
-        later = [g["capacity"]["bits"] for g in by[(k["params"], k["people"], k.get("series"))]
+        later = [g["capacity"]["bits"] for g in by[_series(k)]
                  if g["capacity"]["exposures"] > k["exposures"]]
         if k["fraction"] is not None and k["fraction"] > 0.9:
             out[name] = "world-limited"
@@ -112,8 +116,7 @@ def points(rows: list[dict]) -> list[list[dict]]:
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
-        by.setdefault((k["params"], k["people"], k.get("series"), k["exposures"]),
-                      []).append(r)
+        by.setdefault((*_series(k), k["exposures"]), []).append(r)
     return sorted(by.values(), key=lambda rs: (rs[0]["capacity"]["params"],
                                                rs[0]["capacity"]["people"],
                                                rs[0]["capacity"]["exposures"]))
