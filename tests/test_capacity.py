@@ -86,7 +86,22 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
         "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10})})
     r.cells = [cell]
     res = run_recipe(r, tmp_path, progress=False)[0]["capacity"]
-    assert res["people"] == 20 and res["exposures"] == pytest.approx(10 * 64 / 20)
+    # exposures: the bios in the rows pretraining read, counted here from the stream's own
+    # rows (their EOS tokens); at context 192 a whole-packed row holds more than one ~90-
+    # token bio, so rows / people (what the stage counted until 2026-12-07) is too low
+    from factlab.corpus import load_world
+    from factlab.experiments.stages import bio_stream
+    from factlab.tokens.encode import encode_docs
+    from factlab.tokens.tokenizer import load_tokenizer
+
+    cdir = next(p.parent.parent for p in tmp_path.rglob("world/manifest.json"))
+    tok = load_tokenizer(cdir / "tokenizer")
+    batch = bio_stream(cell, encode_docs(tok, load_world(cdir / "world").bios()), tok) \
+        .sequences(0, 10 * 64)
+    bios_read = int((batch["input_ids"] == tok.eos_token_id).sum())
+    assert res["people"] == 20 and res["rows"] == 10 * 64 and bios_read > 10 * 64
+    assert res["exposures"] == pytest.approx(bios_read / 20, rel=0.02)
+    assert res["bios_per_row"] == pytest.approx(bios_read / (10 * 64), rel=0.02)
     sizes = {"birth_date": 12 * 28 * 200}  # every person's entropy, summed by hand
     per_person = math.log2(sizes["birth_date"]) + math.log2(200) + math.log2(300) + \
         math.log2(100) + math.log2(263)  # company city follows the employer: 0 bits
@@ -103,12 +118,12 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
 
 
 def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0, series=None,
-         people_series=None):
-    return {"cell": cell, "capacity": {
-        "people": people, "params": params, "non_embedding_params": params // 2,
-        "exposures": exposures, "bits": bits, "entropy_bits": entropy,
-        "fraction": bits / entropy, "bits_per_param": bits / params, "series": series,
-        "people_series": people_series}}
+         people_series=None, rows=None):
+    k = {"people": people, "params": params, "non_embedding_params": params // 2,
+         "exposures": exposures, "bits": bits, "entropy_bits": entropy,
+         "fraction": bits / entropy, "bits_per_param": bits / params, "series": series,
+         "people_series": people_series}
+    return {"cell": cell, "capacity": k | ({"rows": rows} if rows else {})}
 
 
 def _at(cell, bits, people, exposures=100, ps="m", entropy=None):
@@ -175,6 +190,29 @@ def test_runs_at_other_seeds_are_pooled_into_one_point():
     assert saturation(rows) == {"n2k-s0": "below capacity (more people stored more)",
                                 "n2k-s1": "below capacity (more people stored more)",
                                 "n8k": "still rising with people"}
+    # seeds of one length read different numbers of bios (a world's draw sets the bios'
+    # lengths, so how many a whole-packed row holds): the measured 4,000-person points
+    # (2026-12-07), pooled by their rows, not split by their exposures
+    def x(cell, bits, exposures, rows):
+        return _cap(cell, bits, exposures, people=4000, series="s", entropy=186_366.0,
+                    rows=rows)
+
+    rows = [x("x167-s0", 65_955, 166.7, 400_000), x("x167-s1", 71_804, 166.3, 400_000),
+            x("x333-s0", 122_914, 333.3, 800_000), x("x333-s1", 134_992, 332.6, 800_000)]
+    assert saturation(rows) == {"x167-s0": "below capacity", "x167-s1": "below capacity",
+                                "x333-s0": "still rising", "x333-s1": "still rising"}
+    from factlab.experiments.capacity_report import points
+
+    assert [[r["cell"] for r in rs] for rs in points(rows)] == [["x167-s0", "x167-s1"],
+                                                                ["x333-s0", "x333-s1"]]
+    # and over people: seeds and world sizes at the same rows per person are one level
+    rows = [_cap("n2k-s0", 60_000, 166.5, people=2000, series="a", people_series="m",
+                 rows=200_000, entropy=94_000.0),
+            _cap("n2k-s1", 62_000, 168.0, people=2000, series="a", people_series="m",
+                 rows=200_000, entropy=94_000.0),
+            _cap("n8k", 61_000, 167.8, people=8000, series="b", people_series="m",
+                 rows=800_000, entropy=373_000.0)]
+    assert set(saturation(rows).values()) == {"at capacity for its exposures"}
     # over exposures the same: seeds of the 100-exposure point pooled
     rows = [_cap("x100-s0", 10_000, 100, series="s"), _cap("x100-s1", 12_000, 100, series="s"),
             _cap("x300", 11_300, 300, series="s")]
@@ -248,6 +286,16 @@ def test_saturation_labels_each_point_from_its_neighbours_in_exposures():
     assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000 |" in text
     assert "≈ 1 (100 exposures) | below capacity |" in text
     assert "≈ 2 (1,000 exposures) | still rising |" in text
+    # the paper's two levels are 100 and 1,000 exposures: within 1.75x of one, a point reads
+    # against it (168 against 100, 1,680 against 1,000); 333 and 504
+    # against both
+    from factlab.experiments.capacity_report import paper_line
+
+    assert paper_line(168) == "≈ 1 (100 exposures)"
+    assert paper_line(333) == "between ≈ 1 (100) and ≈ 2 (1,000 exposures)"
+    assert paper_line(504) == "between ≈ 1 (100) and ≈ 2 (1,000 exposures)"
+    assert paper_line(1680) == "≈ 2 (1,000 exposures)"
+    assert paper_line(30) == "≈ 1 (100 exposures; these are 0.3x)"
 
 
 def test_the_table_pools_each_points_seeds_into_its_mean_and_spread():

@@ -18,6 +18,14 @@ def _series(k: dict) -> tuple:
     return k["params"], k["people"], k.get("series")
 
 
+def _at(k: dict, axis: str) -> float:
+    """Where a run sits on ``axis``. Over exposures: its rows trained (steps x batch),
+    which are equal for runs that differ only in their seeds while their exposures are
+    not (a world's draw changes the bios' lengths, so the bios a whole-packed row holds:
+    1.66-1.70 at context 192); within one series more rows are more exposures."""
+    return k.get("rows", k["exposures"]) if axis == "exposures" else k[axis]
+
+
 def _along(group: list[dict], axis: str) -> dict[str, str]:
     """Labels for one series' runs ordered by ``axis`` (``exposures`` or ``people``).
     Runs at one point of the axis (other seeds) are pooled: the point's bits are their
@@ -30,7 +38,7 @@ def _along(group: list[dict], axis: str) -> dict[str, str]:
     (a single seed's scatter) does not make the next one "rising"."""
     runs: dict[float, list[dict]] = {}
     for r in group:
-        runs.setdefault(r["capacity"][axis], []).append(r)
+        runs.setdefault(_at(r["capacity"], axis), []).append(r)
     mean = {x: sum(r["capacity"]["bits"] for r in rs) / len(rs) for x, rs in runs.items()}
     out = {}
     for x, rs in runs.items():
@@ -55,7 +63,8 @@ def saturation(rows: list[dict]) -> dict[str, str]:
 
     - more exposures, among the runs of its series (the same training but for its length:
       ``capacity["series"]``, from ``stages.capacity_series``);
-    - more people at the same exposures, among the runs of its series over world sizes
+    - more people at the same exposures (the same rows per person: the bios a row holds
+      differ by ~2% between worlds), among the runs of its series over world sizes
       (``capacity["people_series"]``, ``capacity_series(cell, over="people")``): the
       paper's capacity at a number of exposures is what a model stores once a larger world
       no longer raises it.
@@ -75,9 +84,9 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     for r in rows:
         k = r["capacity"]
         by.setdefault(_series(k), []).append(r)
-        if k.get("people_series"):  # exposures equal to two significant figures
-            wide.setdefault((k["people_series"], float(f"{k['exposures']:.2g}")),
-                            []).append(r)
+        if k.get("people_series"):  # rows per person equal to two significant figures
+            per = k["rows"] / k["people"] if k.get("rows") else k["exposures"]
+            wide.setdefault((k["people_series"], float(f"{per:.2g}")), []).append(r)
     exp, ppl = {}, {}
     for group in by.values():
         exp.update(_along(group, "exposures"))
@@ -88,7 +97,7 @@ def saturation(rows: list[dict]) -> dict[str, str]:
         k, name = r["capacity"], r["cell"]
         e, p = exp[name], ppl.get(name, "unknown")
         later = [g["capacity"]["bits"] for g in by[_series(k)]
-                 if g["capacity"]["exposures"] > k["exposures"]]
+                 if _at(g["capacity"], "exposures") > _at(k, "exposures")]
         if k["fraction"] is not None and k["fraction"] > 0.9:
             out[name] = "world-limited"
         elif k["bits"] < 1 and not any(b >= 1 for b in later):
@@ -111,15 +120,16 @@ def saturation(rows: list[dict]) -> dict[str, str]:
 
 def points(rows: list[dict]) -> list[list[dict]]:
     """The runs of each point: one series (the same training but its seeds) at one
-    exposure count, the pooling ``saturation`` judges on. Ordered by parameters, people and
-    exposures; runs in the order given."""
+    length (rows trained: its seeds' exposures differ a little), the pooling
+    ``saturation`` judges on. Ordered by parameters, people and length; runs in the order
+    given."""
     by: dict[tuple, list[dict]] = {}
     for r in rows:
         k = r["capacity"]
-        by.setdefault((*_series(k), k["exposures"]), []).append(r)
+        by.setdefault((*_series(k), _at(k, "exposures")), []).append(r)
     return sorted(by.values(), key=lambda rs: (rs[0]["capacity"]["params"],
                                                rs[0]["capacity"]["people"],
-                                               rs[0]["capacity"]["exposures"]))
+                                               _at(rs[0]["capacity"], "exposures")))
 
 
 def points_table(rows: list[dict]) -> list[str]:
@@ -138,10 +148,11 @@ def points_table(rows: list[dict]) -> list[str]:
         k = rs[0]["capacity"]
         bits = [r["capacity"]["bits"] for r in rs]
         mean = sum(bits) / len(bits)
+        exposures = sum(r["capacity"]["exposures"] for r in rs) / len(rs)
         spread = f" ± {(max(bits) - min(bits)) / 2:,.0f}" if len(bits) > 1 else ""
         states = dict.fromkeys(state[r["cell"]] for r in rs)
         lines.append(f"| {rs[0]['cell']} | {len(rs)} | {k['people']:,} | {k['params']:,} | "
-                     f"{k['exposures']:.0f} | **{mean:,.0f}**{spread} | "
+                     f"{exposures:.0f} | **{mean:,.0f}**{spread} | "
                      f"{', '.join(f'{b:,.0f}' for b in bits)} | "
                      f"{100 * mean / k['entropy_bits']:.1f}% | {mean / k['params']:.3f} | "
                      f"{'; '.join(states)} |")
@@ -149,11 +160,21 @@ def points_table(rows: list[dict]) -> list[str]:
 
 
 def paper_line(exposures: float) -> str:
-    """The paper's bits/parameter at the nearest of its exposure levels (log scale)."""
+    """The paper's bits/parameter at its exposure level within a factor of 1.75 of these
+    exposures; between its levels, both (the paper gives no number in between)."""
     import math
 
     near = min(PAPER_BITS_PER_PARAM, key=lambda e: abs(math.log(e) - math.log(max(exposures, 1))))
-    return f"≈ {PAPER_BITS_PER_PARAM[near]:g} ({near:,} exposures)"
+    if abs(math.log(near) - math.log(max(exposures, 1))) <= math.log(1.75):
+        return f"≈ {PAPER_BITS_PER_PARAM[near]:g} ({near:,} exposures)"
+    lo = [e for e in PAPER_BITS_PER_PARAM if e < exposures]
+    hi = [e for e in PAPER_BITS_PER_PARAM if e > exposures]
+    if lo and hi:
+        a, b = max(lo), min(hi)
+        return (f"between ≈ {PAPER_BITS_PER_PARAM[a]:g} ({a:,}) and "
+                f"≈ {PAPER_BITS_PER_PARAM[b]:g} ({b:,} exposures)")
+    return f"≈ {PAPER_BITS_PER_PARAM[near]:g} ({near:,} exposures; these are "  \
+        f"{exposures / near:.1f}x)"
 
 
 def capacity_section(out: Path, results: list[dict], cells: dict) -> list[str]:

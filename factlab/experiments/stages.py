@@ -69,25 +69,45 @@ def eval_people(world, cell):
     return (tr[:cap], te[:cap]) if cap else (tr, te)
 
 
+def doc_stream(cell, enc_docs, tok, packing: str, i: int = 0):
+    """The bios packed one way (``whole``, ``named`` or ``concat``): segment ``i`` of the
+    cell's packing schedule."""
+    from factlab.tokens.streams import DocStream
+
+    return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
+                     seed=cell.pretrain.seed + i, whole=packing == "whole",
+                     pad_id=tok.pad_token_id, mask_head=packing == "named")
+
+
 def bio_stream(cell, enc_docs, tok, share: float = 1.0):
     """The pretraining stream of bios: one packing, or a Schedule of packings. ``share``:
     the expected fraction of the steps' rows that are bios (mixed training), so that a
     schedule switches packing at its fraction of the steps."""
     from factlab.experiments.recipe import packing_segments
     from factlab.tokens.mixing import Schedule
-    from factlab.tokens.streams import DocStream
-
-    def stream(packing: str, i: int):
-        return DocStream(enc_docs, cell.model.context, tok.eos_token_id,
-                         seed=cell.pretrain.seed + i, whole=packing == "whole",
-                         pad_id=tok.pad_token_id, mask_head=packing == "named")
 
     segments = packing_segments(cell.packing, cell.pretrain.steps)
     if len(segments) == 1:
-        return stream(segments[0][0], 0)
-    return Schedule([stream(p, i) for i, (p, _) in enumerate(segments)],
+        return doc_stream(cell, enc_docs, tok, segments[0][0])
+    return Schedule([doc_stream(cell, enc_docs, tok, p, i) for i, (p, _) in enumerate(segments)],
                     [max(1, round(n * cell.pretrain.batch_size * share))
                      for _, n in segments[:-1]])
+
+
+def bio_views(cell, enc_docs, tok) -> tuple[float, float]:
+    """(bios read in BIO pretraining, bios per row of its last packing): rows x the
+    bios a row of each packing holds (an epoch's bios over its rows, epoch 0's layout;
+    epochs differ by a few rows in ten thousand). Whole packing puts as many whole bios in
+    a row as fit: at context 192, 1.7 bios of ~92 tokens, not one (until 2026-12-07,
+    seventh session, the capacity stage counted one, and reported 60% of the exposures)."""
+    from factlab.experiments.recipe import packing_segments
+
+    views, per_row = 0.0, 0.0
+    for i, (packing, steps) in enumerate(packing_segments(cell.packing, cell.pretrain.steps)):
+        s = doc_stream(cell, enc_docs, tok, packing, i)
+        per_row = len(enc_docs.lengths) / s.sequences_per_epoch
+        views += steps * cell.pretrain.batch_size * per_row
+    return views, per_row
 
 
 def _log(msg: str) -> None:
@@ -210,7 +230,6 @@ def capacity(run: CellRun) -> None:
     person's values in their first bio, against the values' entropy under the world's
     uniform draws (``factlab.evaluate.capacity``)."""
     from factlab.evaluate.capacity import bits_per_parameter, bits_stored, pool_sizes, value_nll
-    from factlab.experiments.recipe import packing_segments
 
     if not run.is_main:
         return
@@ -226,17 +245,14 @@ def capacity(run: CellRun) -> None:
     got = bits_stored(nll, pool_sizes(w.world))
     params = int(sum(p.numel() for p in run.model.parameters()))
     emb = run.model.get_input_embeddings().weight.numel()
-    # bio views per person: a whole-packed row is one bio; any other packing fills each
-    # row with `context` tokens of bios
+    # exposures: bios read per person (each of a person's bios is one exposure)
     rows = c.pretrain.steps * c.pretrain.batch_size
     n_people = len(w.people)
-    views = 0.0
-    for packing, steps in packing_segments(c.packing, c.pretrain.steps):
-        r = steps * c.pretrain.batch_size
-        views += r / n_people if packing == "whole" else \
-            r * c.model.context / int(run.enc_docs.lengths.sum()) * len(docs) / n_people
+    read, per_row = bio_views(c, run.enc_docs, run.tok)
+    views = read / n_people
     got.update(params=params, non_embedding_params=params - emb, exposures=views,
-               rows=rows, people=n_people, bits_per_param=bits_per_parameter(got["bits"], params),
+               rows=rows, bios_per_row=per_row, people=n_people,
+               bits_per_param=bits_per_parameter(got["bits"], params),
                series=capacity_series(c),
                people_series=capacity_series(c, over="people"))
     run.result["capacity"] = got
