@@ -70,12 +70,13 @@ def test_capacity_runs_enter_the_table(tmp_path):
     cap = {"w32L4-N1000-x100": {"capacity": {
         "people": 1500, "params": 23_000, "non_embedding_params": 12_000, "exposures": 100,
         "bits": 10_000.0, "entropy_bits": 70_000.0, "fraction": 1 / 7,
-        "bits_per_param": 10_000 / 23_000}}}
+        "bits_per_param": 10_000 / 23_000, "bios_per_row": 1.0}}}
     d = _run(tmp_path, "cap", "capacity", 0, {"w32L4-N1000-x100": 0.0}, cap)
     text = "\n".join(reproduction_lines([load_run(d)]))
     assert "## Knowledge capacity (Part 3.3" in text
     assert "| cap / w32L4-N1000-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
         "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
+    assert "counted one bio per row" not in text
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
     assert "| 192 |" in text and "| – | 192 |" in text  # capacity cells have no finetune
     # a copy of the recipe under another name is a run of it
@@ -115,8 +116,26 @@ def test_capacity_runs_enter_the_table(tmp_path):
     runs, pooled = text.split("Each point, its runs pooled")
     assert runs.count("| at capacity for its exposures |") == 3, text
     # the points table: the two seeds as one point, their mean and half-range
-    assert "| 2 | 1,000 | 116,416 | 100 | **15,000** ± 5,000 | 20,000, 10,000 |" in pooled
+    # (results from before the stage counted the bios a row holds, and no world to
+    # recount them from: their exposures are marked)
+    assert "| 2 | 1,000 | 116,416 | 100† | **15,000** ± 5,000 | 20,000, 10,000 |" in pooled
     assert pooled.count("| at capacity for its exposures |") == 2
+    assert "† exposures counted one bio per row" in runs
+    # with the cell's world and tokenizer still in the run, such a result is recounted:
+    # at context 192 a whole-packed row holds more than one of these ~90-token bios
+    from factlab.experiments.run import prepare_tokenizer, prepare_world
+
+    cell = load_recipe("capacity", ["only=w32L4-N1000-x100"]).cells[0]
+    cell = cell.model_copy(update={"world": cell.world.model_copy(update={"people": 30})})
+    kept = _run(tmp_path, "cap-kept", "capacity", 0, {"w32L4-N1000-x100": 0.0},
+                {"w32L4-N1000-x100": old(1000, 10_000.0)})
+    prepare_tokenizer(cell, kept / cell.name, prepare_world(cell, kept / cell.name))
+    text = "\n".join(reproduction_lines([load_run(kept)]))
+    row = next(ln for ln in text.splitlines() if ln.startswith("| cap-kept / "))
+    exposures = float(row.split(" | ")[3])
+    # the recipe's 930 steps x 64 rows over the 30 people of the world left in the run
+    assert 930 * 64 / 30 * 1.3 < exposures < 930 * 64 / 30 * 2.2, row
+    assert "counted one bio per row" not in text
     # a run none of whose cells finished is listed, not a crash
     empty = _run(tmp_path, "cap-empty", "capacity", 0, {})
     text = "\n".join(reproduction_lines([load_run(empty)]))

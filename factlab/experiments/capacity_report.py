@@ -152,7 +152,8 @@ def points_table(rows: list[dict]) -> list[str]:
         spread = f" ± {(max(bits) - min(bits)) / 2:,.0f}" if len(bits) > 1 else ""
         states = dict.fromkeys(state[r["cell"]] for r in rs)
         lines.append(f"| {rs[0]['cell']} | {len(rs)} | {k['people']:,} | {k['params']:,} | "
-                     f"{exposures:.0f} | **{mean:,.0f}**{spread} | "
+                     f"{_exposures(exposures, [r['capacity'] for r in rs])} | "
+                     f"**{mean:,.0f}**{spread} | "
                      f"{', '.join(f'{b:,.0f}' for b in bits)} | "
                      f"{100 * mean / k['entropy_bits']:.1f}% | {mean / k['params']:.3f} | "
                      f"{'; '.join(states)} |")
@@ -202,7 +203,7 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
     for r in rows:
         k = r["capacity"]
         lines.append(f"| {r['cell']} | {k['people']:,} | {k['params']:,} "
-                     f"({k['non_embedding_params']:,}) | {k['exposures']:.0f} | "
+                     f"({k['non_embedding_params']:,}) | {_exposures(k['exposures'], [k])} | "
                      f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
                      f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
                      f"{state[r['cell']]} |")
@@ -222,7 +223,23 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
               "stored none either; **unknown** — no run of it at another exposure count or "
               "world size. Runs at other seeds of one point are pooled: its state is "
               "judged on their mean.", ""]
+    if any(r["capacity"].get("exposures_one_per_row") for r in rows):
+        lines += [f"{ONE_PER_ROW} exposures counted one bio per row: results from before "
+                  "2026-12-07 whose worlds are not here to recount. Whole packing puts as "
+                  "many whole bios in a row as fit (1.67 bios of ~92 tokens at context 192), "
+                  "so these counts can be low by that factor.", ""]
     return lines + points_table(rows)
+
+
+ONE_PER_ROW = "†"
+
+
+def _exposures(mean: float, ks: list[dict]) -> str:
+    """Exposures as the table prints them, marked where any run's were counted one bio a
+    row (``exposures_one_per_row``: set by ``factlab reproduce`` for old results it could
+    not recount)."""
+    return f"{mean:.0f}" + (ONE_PER_ROW if any(k.get("exposures_one_per_row") for k in ks)
+                            else "")
 
 
 def _plot(out: Path, rows: list[dict]) -> Path:

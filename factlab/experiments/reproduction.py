@@ -333,7 +333,7 @@ def _result5(pairs: list[tuple[float | None, float]]) -> str:
 def _capacity(runs: list[Run]) -> list[str]:
     from factlab.experiments.capacity_report import capacity_table
 
-    from factlab.experiments.stages import capacity_series
+    from factlab.experiments.stages import capacity_series, recount_exposures
 
     rows = []
     for r in runs:
@@ -346,6 +346,14 @@ def _capacity(runs: list[Run]) -> list[str]:
                 # before a key, or from before seeds were left out of it)
                 cap["series"] = capacity_series(cell)
                 cap["people_series"] = capacity_series(cell, over="people")
+            if "bios_per_row" not in cap:
+                # from before the stage counted the bios a row holds: recount from the
+                # run's world, or say the count is one bio a row
+                got = recount_exposures(cell, r.dir / res["cell"]) if cell else None
+                if got:
+                    cap["exposures"], cap["bios_per_row"] = got
+                else:
+                    cap["exposures_one_per_row"] = True
             rows.append(dict(res, cell=f"{r.dir.name} / {res['cell']}", capacity=cap))
     if not rows:
         return []

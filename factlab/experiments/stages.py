@@ -110,6 +110,22 @@ def bio_views(cell, enc_docs, tok) -> tuple[float, float]:
     return views, per_row
 
 
+def recount_exposures(cell, cell_dir: Path) -> tuple[float, float] | None:
+    """(exposures, bios per row) of a capacity cell's pretraining, counted with
+    :func:`bio_views` from the run's own world and tokenizer: for results from before the
+    stage counted the bios a row holds. None when the cell's world or tokenizer is gone."""
+    from factlab.corpus import load_world
+    from factlab.tokens.encode import encode_docs
+    from factlab.tokens.tokenizer import load_tokenizer
+
+    wdir, tdir = Path(cell_dir) / "world", Path(cell_dir) / "tokenizer"
+    if not (wdir / "manifest.json").is_file() or not (tdir / "tokenizer.json").is_file():
+        return None
+    world, tok = load_world(wdir), load_tokenizer(tdir)
+    views, per_row = bio_views(cell, encode_docs(tok, world.bios()), tok)
+    return views / len(world.people), per_row
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)
 
