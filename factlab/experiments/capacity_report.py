@@ -18,12 +18,18 @@ def _series(k: dict) -> tuple:
     return k["params"], k["people"], k.get("series")
 
 
-def _at(k: dict, axis: str) -> float:
-    """Where a run sits on ``axis``. Over exposures: its rows trained (steps x batch),
-    which are equal for runs that differ only in their seeds while their exposures are
-    not (a world's draw changes the bios' lengths, so the bios a whole-packed row holds:
-    1.66-1.70 at context 192); within one series more rows are more exposures."""
-    return k.get("rows", k["exposures"]) if axis == "exposures" else k[axis]
+def _at(k: dict, axis: str, by_rows: bool) -> float:
+    """Where a run sits on ``axis``. Over exposures, ``by_rows``: its rows trained (steps
+    x batch), which are equal for runs that differ only in their seeds while their
+    exposures are not (a world's draw changes the bios' lengths, so the bios a whole-packed
+    row holds: 1.66-1.70 at context 192); within one series more rows are more exposures."""
+    return k["rows"] if axis == "exposures" and by_rows else k[axis]
+
+
+def _by_rows(group: list[dict]) -> bool:
+    """Whether every run of a series records its rows (results of the earliest stage may
+    not): then they are placed by rows, else by exposures."""
+    return all(r["capacity"].get("rows") for r in group)
 
 
 def _along(group: list[dict], axis: str) -> dict[str, str]:
@@ -37,8 +43,9 @@ def _along(group: list[dict], axis: str) -> dict[str, str]:
     evidence either way). Against the best point before, not the last: one low point
     (a single seed's scatter) does not make the next one "rising"."""
     runs: dict[float, list[dict]] = {}
+    by_rows = _by_rows(group)
     for r in group:
-        runs.setdefault(_at(r["capacity"], axis), []).append(r)
+        runs.setdefault(_at(r["capacity"], axis, by_rows), []).append(r)
     mean = {x: sum(r["capacity"]["bits"] for r in rs) / len(rs) for x, rs in runs.items()}
     out = {}
     for x, rs in runs.items():
@@ -96,8 +103,10 @@ def saturation(rows: list[dict]) -> dict[str, str]:
     for r in rows:
         k, name = r["capacity"], r["cell"]
         e, p = exp[name], ppl.get(name, "unknown")
-        later = [g["capacity"]["bits"] for g in by[_series(k)]
-                 if _at(g["capacity"], "exposures") > _at(k, "exposures")]
+        group = by[_series(k)]
+        br = _by_rows(group)
+        later = [g["capacity"]["bits"] for g in group
+                 if _at(g["capacity"], "exposures", br) > _at(k, "exposures", br)]
         if k["fraction"] is not None and k["fraction"] > 0.9:
             out[name] = "world-limited"
         elif k["bits"] < 1 and not any(b >= 1 for b in later):
@@ -123,13 +132,17 @@ def points(rows: list[dict]) -> list[list[dict]]:
     length (rows trained: its seeds' exposures differ a little), the pooling
     ``saturation`` judges on. Ordered by parameters, people and length; runs in the order
     given."""
-    by: dict[tuple, list[dict]] = {}
+    series: dict[tuple, list[dict]] = {}
     for r in rows:
-        k = r["capacity"]
-        by.setdefault((*_series(k), _at(k, "exposures")), []).append(r)
+        series.setdefault(_series(r["capacity"]), []).append(r)
+    by: dict[tuple, list[dict]] = {}
+    for key, group in series.items():
+        br = _by_rows(group)
+        for r in group:
+            by.setdefault((*key, _at(r["capacity"], "exposures", br)), []).append(r)
     return sorted(by.values(), key=lambda rs: (rs[0]["capacity"]["params"],
                                                rs[0]["capacity"]["people"],
-                                               _at(rs[0]["capacity"], "exposures")))
+                                               rs[0]["capacity"]["exposures"]))
 
 
 def points_table(rows: list[dict]) -> list[str]:
