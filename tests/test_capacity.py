@@ -83,7 +83,7 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     r = load_recipe("capacity", ["parallel=1", "only=w32L4-N1000-x100"])
     cell = r.cells[0].model_copy(update={
         "world": r.cells[0].world.model_copy(update={"people": 20}),
-        "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10})})
+        "pretrain": r.cells[0].pretrain.model_copy(update={"steps": 10, "batch_size": 64})})
     r.cells = [cell]
     res = run_recipe(r, tmp_path, progress=False)[0]["capacity"]
     # exposures: the bios in the rows pretraining read, counted here from the stream's own
@@ -111,6 +111,9 @@ def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     # the keys that place it among its neighbours over exposures and over world sizes
     from factlab.experiments.stages import capacity_series
 
+    # the optimiser's rows a step and rate, and the values scored where no follower
+    # gives them away (clean_docs)
+    assert res["batch_size"] == 64 and res["lr"] == cell.pretrain.lr and res["clean_context"]
     assert res["series"] == capacity_series(cell)
     assert res["people_series"] == capacity_series(cell, over="people") != res["series"]
     assert (tmp_path / "capacity.png").is_file()
@@ -122,7 +125,7 @@ def _cap(cell, bits, exposures, people=1500, params=23_000, entropy=70_000.0, se
     k = {"people": people, "params": params, "non_embedding_params": params // 2,
          "exposures": exposures, "bits": bits, "entropy_bits": entropy,
          "fraction": bits / entropy, "bits_per_param": bits / params, "series": series,
-         "people_series": people_series}
+         "people_series": people_series, "clean_context": True}
     return {"cell": cell, "capacity": k | ({"rows": rows} if rows else {})}
 
 
@@ -285,6 +288,13 @@ def test_saturation_labels_each_point_from_its_neighbours_in_exposures():
     text = "\n".join(capacity_table([_cap("a", 10_000, 100), _cap("b", 20_000, 1000)]))
     assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000 |" in text
     assert "≈ 1 (100 exposures) | below capacity |" in text
+    assert "‡" not in text
+    # bits scored in the first bio (before the stage looked for a clean one) are marked
+    old = _cap("a", 10_000, 100)
+    del old["capacity"]["clean_context"]
+    text = "\n".join(capacity_table([old, _cap("b", 20_000, 1000)]))
+    assert "| a | 1,500 | 23,000 (11,500) | 100 | 10,000‡ |" in text
+    assert "| 20,000 |" in text and "‡ values scored in each person's first bio" in text
     assert "≈ 2 (1,000 exposures) | still rising |" in text
     # the paper's two levels are 100 and 1,000 exposures: within 1.75x of one, a point reads
     # against it (168 against 100, 1,680 against 1,000); 333 and 504
@@ -303,14 +313,44 @@ def test_the_table_pools_each_points_seeds_into_its_mean_and_spread():
 
     # the measured seeds (2026-12-07): three at 2,000 people, one at 8,000, and a run of
     # another series (another learning rate) at 2,000 that is not pooled with them
+    fast = _cap("n2k-fast", 80_000, 100, people=2000, series="other", entropy=94_000.0)
+    fast["capacity"].update(batch_size=16, lr=0.006)
     rows = [_at("n8k", 73_933, 8000), _at("n2k-s0", 71_662, 2000),
-            _at("n2k-s1", 56_188, 2000), _at("n2k-s2", 61_619, 2000),
-            _cap("n2k-fast", 80_000, 100, people=2000, series="other", entropy=94_000.0)]
+            _at("n2k-s1", 56_188, 2000), _at("n2k-s2", 61_619, 2000), fast]
     got = [[r["cell"] for r in rs] for rs in points(rows)]
     assert got == [["n2k-s0", "n2k-s1", "n2k-s2"], ["n2k-fast"], ["n8k"]]
     text = "\n".join(capacity_table(rows))
     assert ("| n2k-s0 | 3 | 2,000 | 23,000 | 100 | **63,156** ± 7,737 | 71,662, 56,188, 61,619 "
             "| 67.2% | 2.746 | below capacity (more people stored more) |") in text
     assert "| n8k | 1 | 8,000 | 23,000 | 100 | **73,933** | 73,933 |" in text
+    # the training column tells the two 2,000-person points apart (– where not recorded)
+    assert "| n2k-fast | 1 | 2,000 | 23,000 | 100 | **80,000** |" in text
+    assert text.count("| unknown | 16 × 0.006 |") == 2  # the run's row and its point's
+    assert "(more people stored more) | – |" in text
     # every run alone: the per-run table says it all
     assert "runs pooled" not in "\n".join(capacity_table(rows[:2]))
+
+
+def test_a_value_is_scored_where_no_follower_gives_it_away():
+    from factlab.evaluate.capacity import clean_docs
+    from factlab.text.documents import Docs
+    from factlab.world.people import Derived
+
+    # attributes: 0 employer, 1 company city (follows the employer), 2 major. Person 0's
+    # first bio states the city before the employer, its second after; person 1's only
+    # bio states the city first: the employer has no clean bio there (-1, counted as
+    # chance), while the major and the city are scored in each person's first bio
+    spans = np.array([[[30, 40], [10, 20], [50, 60]],     # p0 entry 0: city first
+                      [[10, 20], [30, 40], [50, 60]],     # p0 entry 1: employer first
+                      [[30, 40], [10, 20], [0, 5]]])      # p1 entry 0: city first
+    docs = Docs(["a", "b", "c"], np.array([0, 0, 1]), np.array([0, 1, 0]), spans,
+                ("employer", "company_city", "major"))
+    follows = (Derived(attribute=1, source=0, codes=np.zeros(3, dtype=np.int32)),)
+    got = clean_docs(docs, follows)
+    assert got.tolist() == [[1, -1], [0, 2], [0, 2]]
+    # without the follower every attribute is read in the first bio
+    assert clean_docs(docs).tolist() == [[0, 2], [0, 2], [0, 2]]
+    # the entry decides, not the order the documents come in
+    rev = Docs(["b", "a", "c"], np.array([0, 0, 1]), np.array([1, 0, 0]),
+               spans[[1, 0, 2]], docs.attributes)
+    assert clean_docs(rev).tolist() == [[1, 2], [1, 2], [1, 2]]

@@ -70,12 +70,15 @@ def test_capacity_runs_enter_the_table(tmp_path):
     cap = {"w32L4-N1000-x100": {"capacity": {
         "people": 1500, "params": 23_000, "non_embedding_params": 12_000, "exposures": 100,
         "bits": 10_000.0, "entropy_bits": 70_000.0, "fraction": 1 / 7,
-        "bits_per_param": 10_000 / 23_000, "bios_per_row": 1.0}}}
+        "bits_per_param": 10_000 / 23_000, "bios_per_row": 1.0, "clean_context": True}}}
     d = _run(tmp_path, "cap", "capacity", 0, {"w32L4-N1000-x100": 0.0}, cap)
     text = "\n".join(reproduction_lines([load_run(d)]))
     assert "## Knowledge capacity (Part 3.3" in text
     assert "| cap / w32L4-N1000-x100 | 1,500 | 23,000 (12,000) | 100 | 10,000 | 70,000 | " \
         "14.3% | **0.435** | ≈ 1 (100 exposures) | unknown |" in text
+    # a result without the optimiser's rows a step and rate gets them from the run's recipe
+    pre = load_recipe("capacity", ["only=w32L4-N1000-x100"]).cells[0].pretrain
+    assert f"| unknown | {pre.batch_size} × {pre.lr:g} |" in text
     assert "counted one bio per row" not in text
     assert "`capacity`" not in text.split("Not run here:")[1].splitlines()[0]
     assert "| 192 |" in text and "| – | 192 |" in text  # capacity cells have no finetune
@@ -118,7 +121,7 @@ def test_capacity_runs_enter_the_table(tmp_path):
     # the points table: the two seeds as one point, their mean and half-range
     # (results from before the stage counted the bios a row holds, and no world to
     # recount them from: their exposures are marked)
-    assert "| 2 | 1,000 | 116,416 | 100† | **15,000** ± 5,000 | 20,000, 10,000 |" in pooled
+    assert "| 2 | 1,000 | 116,416 | 100† | **15,000**‡ ± 5,000 | 20,000, 10,000 |" in pooled
     assert pooled.count("| at capacity for its exposures |") == 2
     assert "† exposures counted one bio per row" in runs
     # with the cell's world and tokenizer still in the run, such a result is recounted:

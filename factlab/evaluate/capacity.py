@@ -12,6 +12,14 @@ counted as zero, not negative. (The paper's name term — the entropy of the nam
 its diversity term for values drawn from a learned vocabulary are left out: bioS names
 and values come from fixed pools here.) An attribute that is a function of another
 (bioS's company city follows the employer) has D = 1 given it: zero bits.
+
+A value is scored in a text that does not already give it away: an attribute that follows
+it (the company city, for the employer) stated before it tells the model most of the
+value (measured 2026-12-07: with the company city first, a width-64 model put 1.29 nats on
+an 8,000-person world's employers; with the employer first 5.67, chance 5.57 -- so the
+employer's bits it had been credited were all read off the city). :func:`clean_docs`
+picks, for each person and attribute, their first document where no follower comes
+first; a person with no such document counts as storing nothing of it.
 """
 
 from __future__ import annotations
@@ -122,3 +130,51 @@ def value_nll(model, tokenizer, docs, *, batch_size: int = 64) -> dict[str, np.n
     ex, a = value_spans(tokenizer, docs)
     nll = score_encoded(model, ex, batch_size=batch_size).nll
     return {attr: nll[a == k] for k, attr in enumerate(docs.attributes) if (a == k).any()}
+
+
+def clean_docs(docs, derived=()) -> np.ndarray:
+    """(A, N) for every attribute and person (in order of first appearance in ``docs``),
+    the index into ``docs`` of the person's first document (lowest ``entry``) that states
+    the attribute with none of its followers (``derived``: ``Derived`` with ``attribute``
+    following ``source``) stated before it; -1 where the person has none."""
+    spans = np.asarray(docs.spans)
+    person = np.asarray(docs.person)
+    people, slot = np.unique(person, return_inverse=True)
+    order = np.lexsort((np.asarray(docs.entry), person))  # by person, then entry
+    n_attr = spans.shape[1]
+    out = np.full((n_attr, len(people)), -1, dtype=np.int64)
+    for a in range(n_attr):
+        start = spans[:, a, 0]
+        ok = start >= 0
+        for d in derived:
+            if d.source == a:
+                f = spans[:, d.attribute, 0]
+                ok &= (f < 0) | (f > start)
+        for i in order[ok[order]][::-1]:  # last write wins: the lowest entry
+            out[a, slot[i]] = i
+    return out
+
+
+def person_value_nll(model, tokenizer, docs, pool_sizes: Mapping[str, int], derived=(),
+                     *, batch_size: int = 64) -> dict[str, np.ndarray]:
+    """Each person's summed NLL (nats) of each attribute's value, scored in their first
+    document that does not give it away (:func:`clean_docs`); ln D (chance: no bits) for
+    a person without one. Only the chosen documents are scored."""
+    from factlab.text.documents import Docs
+
+    pick = clean_docs(docs, derived)
+    used = np.unique(pick[pick >= 0])
+    sub = Docs([docs.text[i] for i in used.tolist()], np.asarray(docs.person)[used],
+               np.asarray(docs.entry)[used], np.asarray(docs.spans)[used], docs.attributes)
+    ex, a = value_spans(tokenizer, sub)
+    from factlab.evaluate.score import score_encoded
+
+    nll = score_encoded(model, ex, batch_size=batch_size).nll
+    at = {(int(used[d]), int(k)): float(x) for d, k, x in zip(ex.doc, a, nll)}
+    out = {}
+    for k, attr in enumerate(docs.attributes):
+        if (pick[k] < 0).all():
+            continue
+        chance = math.log(max(int(pool_sizes[attr]), 1))
+        out[attr] = np.array([at[(int(i), k)] if i >= 0 else chance for i in pick[k]])
+    return out

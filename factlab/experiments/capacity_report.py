@@ -155,8 +155,8 @@ def points_table(rows: list[dict]) -> list[str]:
     lines = ["Each point, its runs pooled (runs that differ only in their seeds; ± half the "
              "range):", "",
              "| point | runs | people | parameters | exposures | **bits stored** (mean) | "
-             "each run | stored / entropy | bits/parameter | state |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "each run | stored / entropy | bits/parameter | state | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rs in pts:
         k = rs[0]["capacity"]
         bits = [r["capacity"]["bits"] for r in rs]
@@ -166,10 +166,10 @@ def points_table(rows: list[dict]) -> list[str]:
         states = dict.fromkeys(state[r["cell"]] for r in rs)
         lines.append(f"| {rs[0]['cell']} | {len(rs)} | {k['people']:,} | {k['params']:,} | "
                      f"{_exposures(exposures, [r['capacity'] for r in rs])} | "
-                     f"**{mean:,.0f}**{spread} | "
+                     f"**{mean:,.0f}**{_first_bio([r['capacity'] for r in rs])}{spread} | "
                      f"{', '.join(f'{b:,.0f}' for b in bits)} | "
                      f"{100 * mean / k['entropy_bits']:.1f}% | {mean / k['params']:.3f} | "
-                     f"{'; '.join(states)} |")
+                     f"{'; '.join(states)} | {training(k)} |")
     return lines + [""]
 
 
@@ -210,16 +210,17 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
              "would store. Paper: ≈ 2 bits/parameter at 1,000 exposures, ≈ 1 at 100, once the "
              "world holds more bits than the model can store.", "",
              "| cell | people | parameters (non-embedding) | exposures | bits stored | "
-             "entropy | stored / entropy | **bits/parameter** | paper | state |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "entropy | stored / entropy | **bits/parameter** | paper | state | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     state = saturation(rows)
     for r in rows:
         k = r["capacity"]
         lines.append(f"| {r['cell']} | {k['people']:,} | {k['params']:,} "
                      f"({k['non_embedding_params']:,}) | {_exposures(k['exposures'], [k])} | "
-                     f"{k['bits']:,.0f} | {k['entropy_bits']:,.0f} | {100 * k['fraction']:.1f}% "
+                     f"{k['bits']:,.0f}{_first_bio([k])} | {k['entropy_bits']:,.0f} | "
+                     f"{100 * k['fraction']:.1f}% "
                      f"| **{k['bits_per_param']:.3f}** | {paper_line(k['exposures'])} | "
-                     f"{state[r['cell']]} |")
+                     f"{state[r['cell']]} | {training(k)} |")
     g = f"{100 * SATURATED_GAIN:.0f}%"
     lines += ["", "*state*, from the runs beside it: its series over exposures (the same "
               "world, model and optimiser settings; only the steps differ) and over people "
@@ -235,16 +236,41 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
               "stored, a lower bound; **nothing stored** — under 1 bit, and more exposures "
               "stored none either; **unknown** — no run of it at another exposure count or "
               "world size. Runs at other seeds of one point are pooled: its state is "
-              "judged on their mean.", ""]
+              "judged on their mean. *training*: rows a step × peak learning rate of the "
+              "BIO pretraining (at one exposure count, fewer rows a step are more "
+              "updates: docs/capacity.md).", ""]
     if any(r["capacity"].get("exposures_one_per_row") for r in rows):
         lines += [f"{ONE_PER_ROW} exposures counted one bio per row: results from before "
                   "2026-12-07 whose worlds are not here to recount. Whole packing puts as "
                   "many whole bios in a row as fit (1.67 bios of ~92 tokens at context 192), "
                   "so these counts can be low by that factor.", ""]
+    if any(not r["capacity"].get("clean_context") for r in rows):
+        lines += [f"{FIRST_BIO} values scored in each person's first bio, where a permuted "
+                  "bio states the company city before the employer about half the time and "
+                  "the model reads most of the employer off it: these bits overstate what "
+                  "it stores (results from before 2026-12-07's eighth session; the stage now "
+                  "scores each value where nothing before it gives it away). Measured on a "
+                  "width-64 model of an 8,000-person world: every one of its 24,184 employer "
+                  "bits was the city's.", ""]
     return lines + points_table(rows)
 
 
 ONE_PER_ROW = "†"
+FIRST_BIO = "‡"
+
+
+def _first_bio(ks: list[dict]) -> str:
+    """The mark on bits scored in the first bio, the company city possibly before the
+    employer (results without ``clean_context``)."""
+    return FIRST_BIO if any(not k.get("clean_context") for k in ks) else ""
+
+
+def training(k: dict) -> str:
+    """The pretraining's rows a step and peak rate, as the tables print them (– for
+    results that record neither)."""
+    if not k.get("batch_size"):
+        return "–"
+    return f"{k['batch_size']} × {k['lr']:g}" if k.get("lr") else f"{k['batch_size']} rows"
 
 
 def _exposures(mean: float, ks: list[dict]) -> str:

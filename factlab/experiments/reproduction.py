@@ -346,6 +346,10 @@ def _capacity(runs: list[Run]) -> list[str]:
                 # before a key, or from before seeds were left out of it)
                 cap["series"] = capacity_series(cell)
                 cap["people_series"] = capacity_series(cell, over="people")
+                # the optimiser's rows a step and rate (results from before the stage
+                # recorded them)
+                cap.setdefault("batch_size", cell.pretrain.batch_size)
+                cap.setdefault("lr", cell.pretrain.lr)
             if "bios_per_row" not in cap:
                 # from before the stage counted the bios a row holds: recount from the
                 # run's world, or say the count is one bio a row

@@ -245,20 +245,18 @@ def capacity(run: CellRun) -> None:
     """Part 3.3's bits of knowledge stored by the pretrained model: from its loss on every
     person's values in their first bio, against the values' entropy under the world's
     uniform draws (``factlab.evaluate.capacity``)."""
-    from factlab.evaluate.capacity import bits_per_parameter, bits_stored, pool_sizes, value_nll
+    from factlab.evaluate.capacity import (bits_per_parameter, bits_stored, person_value_nll,
+                                           pool_sizes)
 
     if not run.is_main:
         return
     c, w = run.cell, run.world
-    from factlab.text.documents import Docs
-
-    docs = w.bios()
-    first = np.flatnonzero(np.asarray(docs.entry) == 0)  # each person once
-    one = docs if len(first) == len(docs) else Docs(
-        [docs.text[i] for i in first.tolist()], docs.person[first], docs.entry[first],
-        docs.spans[first], docs.attributes)
-    nll = value_nll(run.model, run.tok, one, batch_size=c.eval.batch_size)
-    got = bits_stored(nll, pool_sizes(w.world))
+    # each value in the person's first bio that does not give it away (no company city
+    # before the employer): factlab.evaluate.capacity.clean_docs
+    sizes = pool_sizes(w.world)
+    nll = person_value_nll(run.model, run.tok, w.bios(), sizes, getattr(w.world, "derived", ()),
+                           batch_size=c.eval.batch_size)
+    got = bits_stored(nll, sizes)
     params = int(sum(p.numel() for p in run.model.parameters()))
     emb = run.model.get_input_embeddings().weight.numel()
     # exposures: bios read per person (each of a person's bios is one exposure)
@@ -268,6 +266,7 @@ def capacity(run: CellRun) -> None:
     views = read / n_people
     got.update(params=params, non_embedding_params=params - emb, exposures=views,
                rows=rows, bios_per_row=per_row, people=n_people,
+               batch_size=c.pretrain.batch_size, lr=c.pretrain.lr, clean_context=True,
                bits_per_param=bits_per_parameter(got["bits"], params),
                series=capacity_series(c),
                people_series=capacity_series(c, over="people"))
