@@ -204,7 +204,8 @@ def capacity_table(rows: list[dict], title: str = "## Knowledge capacity (Part 3
     """The table of bits stored per cell (results carrying ``capacity``)."""
     lines = [title, "",
              "Bits stored = Σ over people and attributes of log2 D − (the model's loss on the "
-             "value, in bits), each value teacher-forced in the person's first bio; D: the "
+             "value, in bits), each value teacher-forced in the person's first bio that does "
+             "not give it away (no company city before the employer); D: the "
              "number of values the attribute is drawn from uniformly (1 for the company city, "
              "which follows the employer). *entropy*: the bits a model certain of every value "
              "would store. Paper: ≈ 2 bits/parameter at 1,000 exposures, ≈ 1 at 100, once the "
