@@ -76,6 +76,39 @@ def test_value_spans_cover_exactly_each_value_and_the_nll_is_the_models(tmp_path
     assert sizes["company_city"] == 1 and sizes["birth_city"] == len(c.people.pools[1])
 
 
+def test_each_value_is_scored_in_the_first_bio_that_does_not_give_it_away():
+    from factlab.corpus import CorpusConfig, make_corpus
+    from factlab.evaluate.capacity import clean_docs, person_value_nll, pool_sizes, value_nll
+    from factlab.model.build import build_model
+    from factlab.text.documents import Docs
+    from factlab.tokens import world_tokenizer
+
+    c = make_corpus(CorpusConfig(people=12, seed=3, unknown=0, augment="multi5+permute"))
+    tok = world_tokenizer(c, vocab_size=600)
+    docs = c.bios()
+    model = build_model("gpt2-rope", "tiny", len(tok), 256, bos_id=tok.bos_token_id,
+                        eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, seed=0).eval()
+    sizes = pool_sizes(c.world)
+    got = person_value_nll(model, tok, docs, sizes, c.world.derived, batch_size=7)
+    pick = clean_docs(docs, c.world.derived)
+    emp, city = c.attributes.index("employer"), c.attributes.index("company_city")
+    first = pick[c.attributes.index("major")]  # no follower: each person's first bio
+    assert (np.asarray(docs.entry)[first] == 0).all()
+    # the employer: never in a bio that names its company city first, and for some people
+    # not their first bio (a permuted bio puts the city first about half the time)
+    chosen = pick[emp][pick[emp] >= 0]
+    assert (docs.spans[chosen, city, 0] > docs.spans[chosen, emp, 0]).all()
+    assert (pick[emp] != first).any()
+    # each person's number is the model's loss on the value in the chosen bio, and chance
+    # (no bits) for a person without one
+    for k in (emp, c.attributes.index("major")):
+        for p, d in enumerate(pick[k]):
+            want = (math.log(sizes[c.attributes[k]]) if d < 0 else value_nll(
+                model, tok, Docs([docs.text[d]], docs.person[[d]], docs.entry[[d]],
+                                 docs.spans[[d]], docs.attributes))[c.attributes[k]][0])
+            assert got[c.attributes[k]][p] == pytest.approx(want, rel=1e-5)
+
+
 def test_the_capacity_stage_counts_exposures_and_the_worlds_entropy(tmp_path):
     from factlab.experiments.recipe import load_recipe
     from factlab.experiments.run import run_recipe

@@ -133,7 +133,7 @@ def value_nll(model, tokenizer, docs, *, batch_size: int = 64) -> dict[str, np.n
 
 
 def clean_docs(docs, derived=()) -> np.ndarray:
-    """(A, N) for every attribute and person (in order of first appearance in ``docs``),
+    """(A, N) for every attribute and person (people in sorted order of ``docs.person``),
     the index into ``docs`` of the person's first document (lowest ``entry``) that states
     the attribute with none of its followers (``derived``: ``Derived`` with ``attribute``
     following ``source``) stated before it; -1 where the person has none."""
@@ -141,40 +141,40 @@ def clean_docs(docs, derived=()) -> np.ndarray:
     person = np.asarray(docs.person)
     people, slot = np.unique(person, return_inverse=True)
     order = np.lexsort((np.asarray(docs.entry), person))  # by person, then entry
-    n_attr = spans.shape[1]
-    out = np.full((n_attr, len(people)), -1, dtype=np.int64)
-    for a in range(n_attr):
+    out = np.full((spans.shape[1], len(people)), -1, dtype=np.int64)
+    for a in range(spans.shape[1]):
         start = spans[:, a, 0]
         ok = start >= 0
         for d in derived:
             if d.source == a:
                 f = spans[:, d.attribute, 0]
                 ok &= (f < 0) | (f > start)
-        for i in order[ok[order]][::-1]:  # last write wins: the lowest entry
-            out[a, slot[i]] = i
+        idx = order[ok[order]]
+        _, first = np.unique(slot[idx], return_index=True)  # each person's lowest entry
+        out[a, slot[idx[first]]] = idx[first]
     return out
 
 
 def person_value_nll(model, tokenizer, docs, pool_sizes: Mapping[str, int], derived=(),
                      *, batch_size: int = 64) -> dict[str, np.ndarray]:
-    """Each person's summed NLL (nats) of each attribute's value, scored in their first
-    document that does not give it away (:func:`clean_docs`); ln D (chance: no bits) for
-    a person without one. Only the chosen documents are scored."""
+    """Each person's summed NLL (nats) of each attribute's value (:func:`value_nll`),
+    scored in their first document that does not give it away (:func:`clean_docs`); ln D
+    (chance: no bits) for a person without one. Only the chosen documents are scored."""
     from factlab.text.documents import Docs
 
     pick = clean_docs(docs, derived)
     used = np.unique(pick[pick >= 0])
+    spans = np.asarray(docs.spans)[used]
     sub = Docs([docs.text[i] for i in used.tolist()], np.asarray(docs.person)[used],
-               np.asarray(docs.entry)[used], np.asarray(docs.spans)[used], docs.attributes)
-    ex, a = value_spans(tokenizer, sub)
-    from factlab.evaluate.score import score_encoded
-
-    nll = score_encoded(model, ex, batch_size=batch_size).nll
-    at = {(int(used[d]), int(k)): float(x) for d, k, x in zip(ex.doc, a, nll)}
+               np.asarray(docs.entry)[used], spans, docs.attributes)
+    nll = value_nll(model, tokenizer, sub, batch_size=batch_size)
     out = {}
     for k, attr in enumerate(docs.attributes):
-        if (pick[k] < 0).all():
+        if attr not in nll:
             continue
-        chance = math.log(max(int(pool_sizes[attr]), 1))
-        out[attr] = np.array([at[(int(i), k)] if i >= 0 else chance for i in pick[k]])
+        # value_nll lists the documents that state the attribute, in order
+        row = np.full(len(used), np.nan)
+        row[spans[:, k, 0] >= 0] = nll[attr]
+        got = row[np.searchsorted(used, np.maximum(pick[k], 0))]
+        out[attr] = np.where(pick[k] >= 0, got, math.log(max(int(pool_sizes[attr]), 1)))
     return out

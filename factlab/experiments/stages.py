@@ -243,8 +243,8 @@ def capacity_series(cell, over: str = "exposures") -> str:
 @stage("capacity", section=_capacity_section)
 def capacity(run: CellRun) -> None:
     """Part 3.3's bits of knowledge stored by the pretrained model: from its loss on every
-    person's values in their first bio that does not give them away, against the values' entropy under the world's
-    uniform draws (``factlab.evaluate.capacity``)."""
+    person's values in their first bio that does not give them away, against the values'
+    entropy under the world's uniform draws (``factlab.evaluate.capacity``)."""
     from factlab.evaluate.capacity import (bits_per_parameter, bits_stored, person_value_nll,
                                            pool_sizes)
 
